@@ -1,0 +1,15 @@
+"""layerwise: layerwise-adaptive optimizers (LAMB, LARS, ...) written as text programs.
+
+Public API (LANGUAGE.md section 8)::
+
+    import layerwise as lw
+    spec = lw.load("lamb")
+    spec = lw.parse(text, filename="my.lw")
+    spec = spec.override("def phi(z) = clip(z, 0.01, 10)")
+    lw.presets()
+"""
+from .errors import SpecError
+from .spec import Spec, load, parse, presets
+
+__all__ = ["SpecError", "Spec", "load", "parse", "presets"]
+__version__ = "0.1.0"

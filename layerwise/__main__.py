@@ -1,0 +1,6 @@
+"""``python -m layerwise``: the same as the ``layerwise`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

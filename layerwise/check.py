@@ -1,0 +1,493 @@
+"""Syntax tree -> checked program: names, kinds, def inlining, every rule of the contract.
+
+``check_program`` takes a parsed program, resolves ``extends`` (via
+``layerwise.extends``), inlines every ``def`` call, resolves every name,
+infers each expression's kind (const < global < layer < elem, LANGUAGE.md
+section 5) and enforces sections 3 to 7. It collects independent problems
+and raises them together in one :class:`~layerwise.errors.SpecError`.
+
+The result, :class:`CheckedProgram`, holds only hypers, states, rules,
+watches and a step whose expressions have no ``def`` calls left and carry
+their kind; the lowering (``layerwise.lower``) trusts it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+from .builtins import BUILTINS, PREDICATE_NAMES, widest
+from .errors import Problem, Span, SpecError, suggest
+from .extends import Declarations, collect
+from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary,
+                     format_expr, format_number)
+
+__all__ = ["Hyper", "State", "Rule", "CheckedProgram", "check_program", "check_declarations"]
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter: name, default value and optional allowed range."""
+    name: str
+    default: float
+    range: Range | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def admits(self, value: float) -> bool:
+        """Whether ``value`` is allowed (in range; NaN never is)."""
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        return self.range is None or self.range.contains(value)
+
+
+@dataclass(frozen=True)
+class State:
+    """Per-parameter state: elem (shaped like the parameter) or layer (one number)."""
+    name: str
+    layer: bool
+    init: Expr
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return "layer" if self.layer else "elem"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A ``for`` rule: a predicate over (ndim, numel, name) and hyper overrides."""
+    predicate: Expr
+    overrides: tuple[tuple[str, float], ...]
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def uses_name(self) -> bool:
+        """Whether the predicate tests the parameter's name."""
+        return _mentions(self.predicate, "name")
+
+
+@dataclass(frozen=True)
+class CheckedProgram:
+    """A checked program: what the lowering consumes.
+
+    ``step`` is a tuple of assignments whose values are expressions with
+    every ``def`` inlined and every node's ``kind`` set. ``watch_kinds``
+    gives the kind of each watched name at the end of the step.
+    """
+    name: str
+    hypers: tuple[Hyper, ...]
+    states: tuple[State, ...]
+    rules: tuple[Rule, ...]
+    watches: tuple[str, ...]
+    step: tuple[Assign, ...]
+    filename: str = field(default="<string>", compare=False)
+
+    def hyper(self, name: str) -> Hyper:
+        """The hyper called ``name`` (KeyError if none)."""
+        for h in self.hypers:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        return tuple(h.name for h in self.hypers)
+
+    def to_text(self) -> str:
+        """The program as flat ``.lw`` text (no extends, defs inlined) that checks to ``self``."""
+        out = [f"optimizer {self.name}"]
+        for h in self.hypers:
+            out.append(f"hyper {h.name} = {format_number(h.default)}"
+                       + (f" in {h.range}" if h.range is not None else ""))
+        for s in self.states:
+            out.append(f"state {s.name}{' : layer' if s.layer else ''} = {format_expr(s.init)}")
+        for r in self.rules:
+            body = "".join(f"  {n} = {format_number(v)}\n" for n, v in r.overrides)
+            out.append(f"for {format_expr(r.predicate)} {{\n{body}}}")
+        if self.watches:
+            out.append("watch " + ", ".join(self.watches))
+        body = "".join(f"  {a.target} = {format_expr(a.value)}\n" for a in self.step)
+        out.append(f"step {{\n{body}}}")
+        return "\n".join(out) + "\n"
+
+
+def _mentions(e: Expr, name: str) -> bool:
+    if isinstance(e, Name):
+        return e.id == name
+    return any(_mentions(c, name) for c in _children(e))
+
+
+def _children(e: Expr):
+    if isinstance(e, Unary):
+        return (e.operand,)
+    if isinstance(e, Binary):
+        return (e.left, e.right)
+    if isinstance(e, Call):
+        return e.args
+    return ()
+
+
+def check_program(program: Program) -> tuple[CheckedProgram, Declarations]:
+    """Check a parsed program (resolving ``extends``).
+
+    Returns the checked program and the merged declarations (kept so that
+    ``Spec.override`` can apply further declarations with the same rules).
+
+    Raises:
+        SpecError: with every independent problem found.
+    """
+    problems: list[Problem] = []
+    decls = collect(program, problems)
+    if problems:
+        raise SpecError(problems)
+    return check_declarations(decls, program.filename), decls
+
+
+def check_declarations(decls: Declarations, filename: str = "<string>") -> CheckedProgram:
+    """Check merged declarations; raises SpecError listing every problem."""
+    return _Checker(decls, filename).run()
+
+
+@dataclass
+class _Scope:
+    """What a name means where an expression is checked."""
+    context: str                       # 'step', 'init' or 'predicate'
+    env: dict[str, str]                # visible names -> kind
+    fresh: set[str] = field(default_factory=set)   # assigned earlier in this step
+    later: set[str] = field(default_factory=set)   # assigned later in this step
+    subst: dict[str, Expr] = field(default_factory=dict)  # def arguments
+    stack: tuple[str, ...] = ()        # defs being inlined
+    call_line: int = 0
+    in_global: bool = False
+
+
+class _Checker:
+    def __init__(self, decls: Declarations, filename: str):
+        self.d = decls
+        self.filename = filename
+        self.problems: list[Problem] = []
+
+    def bad(self, span: Span, message: str, scope: _Scope | None = None) -> None:
+        if scope is not None and scope.stack:
+            message += f" (in def '{scope.stack[-1]}' called at line {scope.call_line})"
+        self.problems.append(Problem(span, message))
+
+    # ------------------------------------------------------------ driver
+    def run(self) -> CheckedProgram:
+        hypers = self.check_hypers()
+        self.check_recursion()
+        states = self.check_states()
+        rules = self.check_rules()
+        step, final_env = self.check_step()
+        watches = self.check_watches(final_env)
+        if self.problems:
+            raise SpecError(self.problems)
+        return CheckedProgram(self.d.name, hypers, states, rules, watches, step, self.filename)
+
+    # ------------------------------------------------------------ hypers
+    def check_hypers(self) -> tuple[Hyper, ...]:
+        out = []
+        for h in self.d.hypers.values():
+            r = h.range
+            if r is not None and (r.lo > r.hi or (r.lo == r.hi and not (r.lo_closed and r.hi_closed))):
+                self.bad(r.span, f"empty range {r} for hyper '{h.name}'")
+            elif r is not None and not r.contains(h.default):
+                self.bad(h.default_span, f"default {format_number(h.default)} of hyper "
+                                         f"'{h.name}' is outside its range {r}")
+            elif math.isnan(h.default):
+                self.bad(h.default_span, f"default of hyper '{h.name}' is not a number")
+            out.append(Hyper(h.name, h.default, r, h.span))
+        return tuple(out)
+
+    # ------------------------------------------------------------ defs
+    def check_recursion(self) -> None:
+        calls = {name: _calls(d.body) & set(self.d.defs) for name, d in self.d.defs.items()}
+        for name, d in self.d.defs.items():
+            if len(set(d.params)) != len(d.params):
+                dup = next(p for p in d.params if d.params.count(p) > 1)
+                self.bad(d.span, f"def '{name}' has the argument '{dup}' twice")
+            path = _cycle(name, calls)
+            if path:
+                self.bad(d.span, "def '" + name + "' is recursive (" + " -> ".join(path)
+                         + "); recursion is not allowed")
+
+    # ------------------------------------------------------------ states
+    def check_states(self) -> tuple[State, ...]:
+        env = {"w": "elem", **{h: "const" for h in self.d.hypers}}
+        out = []
+        for s in self.d.states.values():
+            scope = _Scope("init", env)
+            init = self.expr(s.init, scope)
+            if init is None:
+                continue
+            if s.layer and init.kind == "elem":
+                self.bad(s.init.span, f"layer state '{s.name}' holds one number per parameter; "
+                                      "its initial value is elem-kind (one per element)")
+            out.append(State(s.name, s.layer, init, s.span))
+        return tuple(out)
+
+    # ------------------------------------------------------------ rules
+    def check_rules(self) -> tuple:
+        out = []
+        for r in self.d.rules:
+            pred = self.predicate(r.predicate)
+            overrides = []
+            for a in r.assigns:
+                value = _number(a.value)
+                if a.target not in self.d.hypers:
+                    self.bad(a.span, f"'{a.target}' is not a hyper; a for rule may only set "
+                                     "hypers" + suggest(a.target, self.d.hypers))
+                elif value is None:
+                    self.bad(a.value.span, f"a for rule sets '{a.target}' to a number; "
+                                           f"'{format_expr(a.value)}' is not one")
+                else:
+                    hyper = self.d.hypers[a.target]
+                    if hyper.range is not None and not hyper.range.contains(value):
+                        self.bad(a.value.span, f"{format_number(value)} is outside the range "
+                                               f"{hyper.range} of hyper '{a.target}'")
+                    overrides.append((a.target, value))
+            if pred is not None:
+                out.append(Rule(pred, tuple(overrides), r.span))
+        return tuple(out)
+
+    def predicate(self, e: Expr) -> Expr | None:
+        if isinstance(e, Num):
+            return replace(e, kind="const")
+        if isinstance(e, Name):
+            if e.id == "name":
+                self.bad(e.span, "'name' can only be tested with '~' (name ~ \"regex\")")
+                return None
+            if e.id not in PREDICATE_NAMES:
+                self.bad(e.span, f"unknown name '{e.id}' in a for predicate; predicates use "
+                                 "ndim, numel and name" + suggest(e.id, PREDICATE_NAMES))
+                return None
+            return replace(e, kind="const")
+        if isinstance(e, Binary) and e.op == "~":
+            if not (isinstance(e.left, Name) and e.left.id == "name"):
+                self.bad(e.left.span, "'~' matches the parameter's name: write name ~ \"regex\"")
+                return None
+            assert isinstance(e.right, Str)
+            try:
+                re.compile(e.right.value)
+            except re.error as err:
+                self.bad(e.right.span, f"invalid regular expression: {err}")
+                return None
+            return replace(e, left=replace(e.left, kind="const"),
+                           right=replace(e.right, kind="const"), kind="const")
+        if isinstance(e, (Unary, Binary)):
+            parts = [self.predicate(c) for c in _children(e)]
+            if any(p is None for p in parts):
+                return None
+            if isinstance(e, Unary):
+                return replace(e, operand=parts[0], kind="const")
+            return replace(e, left=parts[0], right=parts[1], kind="const")
+        if isinstance(e, Call):
+            self.bad(e.span, f"a for predicate cannot call '{e.func}'; it may use ndim, numel, "
+                             "name, numbers, comparisons and and/or/not")
+            return None
+        self.bad(e.span, "a string may only follow '~'")
+        return None
+
+    # ------------------------------------------------------------ step
+    def check_step(self):
+        d = self.d
+        if d.step is None:
+            self.bad(d.name_span, f"optimizer '{d.name}' has no step block")
+            return (), {}
+        env = {"w": "elem", "g": "elem", "t": "const",
+               **{h: "const" for h in d.hypers},
+               **{s.name: ("layer" if s.layer else "elem") for s in d.states.values()}}
+        fresh: set[str] = set()
+        out = []
+        targets = [a.target for a in d.step.body]
+        for i, a in enumerate(d.step.body):
+            scope = _Scope("step", env, fresh, set(targets[i:]) - set(env))
+            value = self.expr(a.value, scope)
+            target_ok = self.check_target(a)
+            if value is None or not target_ok:
+                env.setdefault(a.target, "elem")
+                fresh.add(a.target)
+                continue
+            state = d.states.get(a.target)
+            if state is not None and state.layer and value.kind == "elem":
+                self.bad(a.value.span, f"layer state '{a.target}' holds one number per "
+                                       "parameter; this value is elem-kind (one per element): "
+                                       "reduce it first, e.g. with mean() or norm()")
+                continue
+            if state is None and a.target != "g" and a.target != "w":
+                env[a.target] = value.kind
+            elif a.target == "g":
+                env["g"] = value.kind
+            fresh.add(a.target)
+            out.append(replace(a, value=value))
+        if "w" not in targets:
+            self.bad(d.step.span, "the step never assigns w, so it would not update the "
+                                  "parameter")
+        return tuple(out), env
+
+    def check_target(self, a: Assign) -> bool:
+        name = a.target
+        if name == "t":
+            self.bad(a.span, "'t' (the step count) is read-only")
+        elif name in self.d.hypers:
+            self.bad(a.span, f"'{name}' is a hyper and is read-only in step")
+        elif name in self.d.defs:
+            self.bad(a.span, f"'{name}' is a def and cannot be assigned; assign to a new name")
+        elif name in BUILTINS:
+            self.bad(a.span, f"'{name}' is a built-in function and cannot be assigned")
+        else:
+            return True
+        return False
+
+    def check_watches(self, env: dict[str, str]) -> tuple[str, ...]:
+        out = []
+        for n in self.d.watches:
+            if n.id in self.d.defs:
+                self.bad(n.span, f"'{n.id}' is a def; assign it to a local in step "
+                                 f"(e.g. tr = {n.id}(...)) and watch that")
+            elif n.id not in env:
+                self.bad(n.span, f"cannot watch unknown name '{n.id}'" + suggest(n.id, env))
+            elif env[n.id] == "elem":
+                self.bad(n.span, f"cannot watch '{n.id}': it is elem-kind (one value per "
+                                 "element); watch a layer value such as norm(...)")
+            else:
+                out.append(n.id)
+        return tuple(out)
+
+    # ------------------------------------------------------------ expressions
+    def expr(self, e: Expr, sc: _Scope) -> Expr | None:
+        """Check ``e`` in scope ``sc``: a copy with kinds set and defs inlined, or None."""
+        if isinstance(e, Num):
+            return replace(e, kind="const")
+        if isinstance(e, Str):
+            self.bad(e.span, "a string may only follow '~' in a for predicate", sc)
+            return None
+        if isinstance(e, Name):
+            return self.name(e, sc)
+        if isinstance(e, Unary):
+            x = self.expr(e.operand, sc)
+            return None if x is None else replace(e, operand=x, kind=x.kind)
+        if isinstance(e, Binary):
+            if e.op == "~":
+                self.bad(e.span, "'~' (name match) is only allowed in for predicates", sc)
+                return None
+            left, right = self.expr(e.left, sc), self.expr(e.right, sc)
+            if left is None or right is None:
+                return None
+            return replace(e, left=left, right=right, kind=widest(left.kind, right.kind))
+        if isinstance(e, Call):
+            return self.call(e, sc)
+        raise TypeError(f"not an expression node: {e!r}")
+
+    def name(self, e: Name, sc: _Scope) -> Expr | None:
+        if e.id in sc.subst:
+            return sc.subst[e.id]
+        if e.id in sc.env:
+            if sc.in_global and e.id in sc.fresh:
+                self.bad(e.span, f"'{e.id}' is computed earlier in this step; a global "
+                                 "reduction may use only w, g, t, hypers and state values "
+                                 "from the previous step", sc)
+                return None
+            return replace(e, kind=sc.env[e.id])
+        if e.id in self.d.defs:
+            self.bad(e.span, f"'{e.id}' is a def; call it as {e.id}(...)", sc)
+        elif e.id in BUILTINS:
+            self.bad(e.span, f"'{e.id}' is a built-in function; call it as {e.id}(...)", sc)
+        elif sc.context == "init" and e.id in ("g", "t", *self.d.states):
+            self.bad(e.span, f"a state's initial value may use only w, hypers and numbers; "
+                             f"'{e.id}' is not available there", sc)
+        elif e.id in sc.later:
+            self.bad(e.span, f"'{e.id}' is used before it is assigned", sc)
+        else:
+            known = [*sc.env, *sc.subst, *self.d.defs]
+            self.bad(e.span, f"unknown name '{e.id}'" + suggest(e.id, known), sc)
+        return None
+
+    def call(self, e: Call, sc: _Scope) -> Expr | None:
+        if e.func in self.d.defs:
+            return self.inline(e, sc)
+        b = BUILTINS.get(e.func)
+        if b is None:
+            known = [*BUILTINS, *self.d.defs]
+            self.bad(e.span, f"unknown function '{e.func}'" + suggest(e.func, known), sc)
+            return None
+        if len(e.args) != b.arity:
+            self.bad(e.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)}, "
+                             f"got {len(e.args)}", sc)
+            return None
+        if b.category == "global":
+            return self.global_call(e, sc)
+        args = [self.expr(a, sc) for a in e.args]
+        if any(a is None for a in args):
+            return None
+        if b.category == "elementwise":
+            return replace(e, args=tuple(args), kind=widest(*(a.kind for a in args)))
+        if widest(*(a.kind for a in args)) != "elem":
+            self.bad(e.span, f"{e.func}() reduces over the elements of one parameter; its "
+                             f"argument is {widest(*(a.kind for a in args))}-kind, not elem", sc)
+            return None
+        return replace(e, args=tuple(args), kind="layer")
+
+    def global_call(self, e: Call, sc: _Scope) -> Expr | None:
+        if sc.context != "step":
+            self.bad(e.span, f"{e.func}() is only allowed in the step block", sc)
+            return None
+        if sc.in_global:
+            self.bad(e.span, "global reductions cannot be nested", sc)
+            return None
+        inner = replace(sc, in_global=True)
+        arg = self.expr(e.args[0], inner)
+        if arg is None:
+            return None
+        if arg.kind not in ("layer", "elem"):
+            self.bad(e.span, f"{e.func}() reduces over all parameters; its argument must be "
+                             f"layer- or elem-kind, not {arg.kind}", sc)
+            return None
+        return replace(e, args=(arg,), kind="global")
+
+    def inline(self, e: Call, sc: _Scope) -> Expr | None:
+        d = self.d.defs[e.func]
+        if e.func in sc.stack:
+            return None  # reported once by check_recursion
+        if len(e.args) != len(d.params):
+            self.bad(e.span, f"def '{e.func}' takes {len(d.params)} argument"
+                             f"{'s' * (len(d.params) != 1)}, got {len(e.args)}", sc)
+            return None
+        args = [self.expr(a, sc) for a in e.args]
+        if any(a is None for a in args):
+            return None
+        inner = replace(sc, subst={**sc.subst, **dict(zip(d.params, args))},
+                        stack=(*sc.stack, e.func),
+                        call_line=e.span.line if not sc.stack else sc.call_line)
+        return self.expr(d.body, inner)
+
+
+def _calls(e: Expr) -> set[str]:
+    out = {e.func} if isinstance(e, Call) else set()
+    for c in _children(e):
+        out |= _calls(c)
+    return out
+
+
+def _cycle(start: str, calls: dict[str, set[str]]) -> list[str]:
+    """A call path from ``start`` back to itself, or []."""
+    stack = [(start, [start])]
+    seen = set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in sorted(calls.get(node, ())):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return []
+
+
+def _number(e: Expr) -> float | None:
+    """The value of a number literal, or of ``-``/``+`` applied to one."""
+    if isinstance(e, Num):
+        return e.value
+    if isinstance(e, Unary) and e.op in "+-" and isinstance(e.operand, Num):
+        return -e.operand.value if e.op == "-" else e.operand.value
+    return None
+
