@@ -9,7 +9,8 @@ Public API (LANGUAGE.md section 8)::
     lw.presets()
 """
 from .errors import SpecError
+from .optimizer import Optimizer
 from .spec import Spec, load, parse, presets
 
-__all__ = ["SpecError", "Spec", "load", "parse", "presets"]
+__all__ = ["SpecError", "Spec", "Optimizer", "load", "parse", "presets"]
 __version__ = "0.1.0"

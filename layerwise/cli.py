@@ -44,8 +44,17 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_show(args) -> int:
+    from .lower import lower
+
     spec = load(args.spec)
-    print(spec.to_text(), end="")
+    print(f"# checked program '{spec.name}' (from {spec.filename}; defs inlined)")
+    print(spec.to_text())
+    lowered = lower(spec.program)
+    for title, gm in (("init", lowered.init), ("reduce", lowered.reduce),
+                      ("update", lowered.update)):
+        if gm is not None:
+            print(f"# torch.fx graph: {title}")
+            print(gm.graph)
     return 0
 
 

@@ -1,0 +1,309 @@
+"""Checked program -> ``torch.fx`` graphs: the intermediate representation.
+
+A checked program (``layerwise.check``) becomes up to three graphs over
+ONE parameter, all with named placeholders:
+
+``init``   ``(w, numel, *hypers) -> (*state initial values)``; run once per
+           parameter, at its first step.
+``reduce`` ``(w, g, t, numel, *hypers, *states) -> (*partials)``; only for
+           programs with global reductions (LANGUAGE.md section 5): each
+           output is one parameter's share of a ``global_norm`` (sum of
+           squares) or ``global_sum`` (sum). The runtime adds the shares of
+           all parameters (phase 1) and :func:`finish_globals` turns the
+           totals into the global values.
+``update`` ``(w, g, t, numel, *hypers, *states, *globals) ->
+           (new w, *new values of the assigned states, *watched values)``.
+
+Shapes and dtypes: ``w``, ``g`` and elem states are 1-D tensors (the
+parameter flattened, ``numel`` elements) of the compute dtype; ``t``,
+``numel``, hypers, layer states and globals are 0-d tensors of the same
+dtype. Outputs never alias inputs, so the runtime may write them back in
+any order. Layer and global reductions are explicit nodes (``ops.norm``,
+``torch.sum``, ...), so the graph can be printed (``layerwise show``),
+interpreted eagerly and compiled.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from . import ops
+from .check import CheckedProgram
+from .syntax import Binary, Call, Expr, Name, Num, Unary
+
+__all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals"]
+
+
+@dataclass(frozen=True)
+class GlobalReduction:
+    """One distinct ``global_norm(x)`` or ``global_sum(x)`` of a program."""
+    func: str
+    arg: Expr
+
+
+@dataclass
+class Lowered:
+    """The graphs of one program and the order of their inputs and outputs."""
+    program: CheckedProgram
+    hyper_names: tuple[str, ...]
+    state_names: tuple[str, ...]
+    layer_states: tuple[bool, ...]
+    assigned_states: tuple[str, ...]
+    watch_names: tuple[str, ...]
+    globals: tuple[GlobalReduction, ...]
+    init: fx.GraphModule
+    reduce: fx.GraphModule | None
+    update: fx.GraphModule
+
+
+def finish_globals(lowered: Lowered, totals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Global values from the per-step totals of the reduce graph's outputs.
+
+    ``global_norm`` is the square root of the total sum of squares;
+    ``global_sum`` is the total itself.
+    """
+    return [torch.sqrt(x) if gr.func == "global_norm" else x
+            for gr, x in zip(lowered.globals, totals)]
+
+
+# Elementwise built-ins: (NumPy function for folding constants, torch function).
+_UNARY = {
+    "sqrt": (np.sqrt, torch.sqrt), "rsqrt": (lambda x: 1.0 / np.sqrt(x), ops.rsqrt),
+    "exp": (np.exp, torch.exp), "log": (np.log, torch.log), "abs": (np.abs, torch.abs),
+    "sign": (np.sign, ops.sign), "sin": (np.sin, torch.sin), "cos": (np.cos, torch.cos),
+    "tanh": (np.tanh, torch.tanh),
+}
+_ARITH = {"+": (np.add, operator.add), "-": (np.subtract, operator.sub),
+          "*": (np.multiply, operator.mul), "/": (np.divide, operator.truediv),
+          "^": (np.power, torch.pow)}
+_CMP = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+        "==": np.equal, "!=": np.not_equal}
+
+
+def _fold(fn, *args: float) -> float:
+    with np.errstate(all="ignore"):
+        return float(fn(*(np.float64(a) for a in args)))
+
+
+def _names(e: Expr) -> frozenset[str]:
+    if isinstance(e, Name):
+        return frozenset((e.id,))
+    if isinstance(e, Unary):
+        return _names(e.operand)
+    if isinstance(e, Binary):
+        return _names(e.left) | _names(e.right)
+    if isinstance(e, Call):
+        return frozenset().union(*(_names(a) for a in e.args))
+    return frozenset()
+
+
+class _Builder:
+    """Builds one fx graph: placeholders, expression lowering with CSE, outputs."""
+
+    def __init__(self, inputs: list[str]):
+        self.graph = fx.Graph()
+        self.env: dict[str, fx.Node | float] = {n: self.graph.placeholder(n) for n in inputs}
+        self.placeholders = set(self.env.values())
+        self.ref = self.env["w"]
+        self.numel = self.env["numel"]
+        self.memo: dict[Expr, tuple[fx.Node | float, frozenset[str]]] = {}
+        self.global_nodes: dict[GlobalReduction, fx.Node] = {}
+
+    def call(self, fn, *args):
+        return self.graph.call_function(fn, args)
+
+    def assign(self, name: str, value) -> None:
+        self.env[name] = value
+        self.memo = {k: v for k, v in self.memo.items() if name not in v[1]}
+
+    def expr(self, e: Expr):
+        hit = self.memo.get(e)
+        if hit is not None:
+            return hit[0]
+        value = self._expr(e)
+        self.memo[e] = (value, _names(e))
+        return value
+
+    def _expr(self, e: Expr):
+        if isinstance(e, Num):
+            return e.value
+        if isinstance(e, Name):
+            return self.env[e.id]
+        if isinstance(e, Unary):
+            x = self.expr(e.operand)
+            if e.op == "+":
+                return x
+            if e.op == "-":
+                return -x if isinstance(x, float) else self.call(operator.neg, x)
+            return _fold(np.logical_not, x) if isinstance(x, float) else \
+                self.call(ops.logical_not, x, self.ref)
+        if isinstance(e, Binary):
+            a, b = self.expr(e.left), self.expr(e.right)
+            folded = isinstance(a, float) and isinstance(b, float)
+            if e.op in _ARITH:
+                np_fn, torch_fn = _ARITH[e.op]
+                return _fold(np_fn, a, b) if folded else self.call(torch_fn, a, b)
+            if e.op in _CMP:
+                return _fold(_CMP[e.op], a, b) if folded else self.call(ops.compare, e.op, a, b,
+                                                                        self.ref)
+            if e.op == "and":
+                return _fold(np.logical_and, a, b) if folded else \
+                    self.call(ops.logical_and, a, b, self.ref)
+            if e.op == "or":
+                return _fold(np.logical_or, a, b) if folded else \
+                    self.call(ops.logical_or, a, b, self.ref)
+            raise AssertionError(f"operator {e.op!r} should not reach lowering")
+        if isinstance(e, Call):
+            return self._call(e)
+        raise AssertionError(f"cannot lower {e!r}")
+
+    def _call(self, e: Call):
+        f = e.func
+        if f in ("global_norm", "global_sum"):
+            return self.global_nodes[GlobalReduction(f, e.args[0])]
+        args = [self.expr(a) for a in e.args]
+        const = all(isinstance(a, float) for a in args)
+        if f in _UNARY:
+            np_fn, torch_fn = _UNARY[f]
+            return _fold(np_fn, *args) if const else self.call(torch_fn, *args)
+        if f in ("min", "max"):
+            if const:
+                return _fold(np.fmin if f == "min" else np.fmax, *args) \
+                    if not any(math.isnan(a) for a in args) else math.nan
+            return self.call(ops.minimum if f == "min" else ops.maximum, *args, self.ref)
+        if f == "clip":
+            if const:
+                return min(max(args[0], args[1]), args[2])
+            return self.call(ops.clip, *args, self.ref)
+        if f == "where":
+            if isinstance(args[0], float):
+                return args[1] if args[0] != 0 else args[2]
+            return self.call(ops.where, *args, self.ref)
+        # Layer reductions: the checker guarantees an elem-kind argument.
+        if f == "norm":
+            return self.call(ops.norm, args[0])
+        if f == "sum":
+            return self.call(torch.sum, args[0])
+        if f == "mean":
+            return self.call(ops.mean, args[0], self.numel)
+        if f == "rms":
+            return self.call(ops.rms, args[0], self.numel)
+        if f == "max_abs":
+            return self.call(ops.max_abs, args[0])
+        if f == "dot":
+            return self.call(ops.dot, *args)
+        if f == "numel":
+            return self.numel
+        raise AssertionError(f"unknown built-in {f!r} should not reach lowering")
+
+    # outputs
+    def elem(self, value) -> fx.Node:
+        """An elem-shaped fresh tensor for ``value`` of any kind."""
+        if isinstance(value, float) or value.meta.get("kind", "elem") != "elem":
+            return self.call(ops.fill_like, value, self.ref)
+        return self.fresh(value)
+
+    def layer(self, value) -> fx.Node:
+        """A fresh 0-d tensor for a non-elem ``value``."""
+        if isinstance(value, float):
+            return self.call(ops.scalar, value, self.ref)
+        return self.fresh(value)
+
+    def fresh(self, node: fx.Node) -> fx.Node:
+        return self.call(torch.clone, node) if node in self.placeholders else node
+
+    def finish(self, outputs: list, name: str) -> fx.GraphModule:
+        self.graph.output(tuple(outputs))
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        return fx.GraphModule(torch.nn.Module(), self.graph, class_name=name)
+
+
+def _mark(value, kind: str):
+    if isinstance(value, fx.Node) and "kind" not in value.meta:
+        value.meta["kind"] = kind
+    return value
+
+
+def _globals(program: CheckedProgram) -> tuple[GlobalReduction, ...]:
+    found: list[GlobalReduction] = []
+
+    def walk(e: Expr) -> None:
+        if isinstance(e, Call) and e.func in ("global_norm", "global_sum"):
+            gr = GlobalReduction(e.func, e.args[0])
+            if gr not in found:
+                found.append(gr)
+            return
+        for c in (e.operand,) if isinstance(e, Unary) else (e.left, e.right) \
+                if isinstance(e, Binary) else e.args if isinstance(e, Call) else ():
+            walk(c)
+
+    for a in program.step:
+        walk(a.value)
+    return tuple(found)
+
+
+def lower(program: CheckedProgram) -> Lowered:
+    """Lower a checked program to its ``init``, ``reduce`` and ``update`` fx graphs."""
+    hypers = program.hyper_names
+    states = tuple(s.name for s in program.states)
+    layer_states = tuple(s.layer for s in program.states)
+    kinds = {s.name: s.kind for s in program.states}
+    globals_ = _globals(program)
+
+    # init: (w, numel, *hypers) -> state initial values
+    b = _Builder(["w", "numel", *hypers])
+    _mark(b.ref, "elem")
+    outs = []
+    for s in program.states:
+        v = _mark(b.expr(s.init), s.init.kind)
+        outs.append(b.layer(v) if s.layer else b.elem(v))
+    init = b.finish(outs, f"{program.name}_init")
+
+    step_inputs = ["w", "g", "t", "numel", *hypers, *states]
+    reduce = None
+    if globals_:
+        b = _Builder(step_inputs)
+        _mark_inputs(b, kinds)
+        outs = []
+        for gr in globals_:
+            x = _mark(b.expr(gr.arg), gr.arg.kind)
+            if gr.arg.kind == "elem":
+                part = b.call(torch.sum, b.call(operator.mul, x, x) if gr.func == "global_norm"
+                              else x)
+            else:
+                x = b.layer(x)
+                part = b.call(operator.mul, x, x) if gr.func == "global_norm" else x
+            outs.append(b.fresh(part))
+        reduce = b.finish(outs, f"{program.name}_reduce")
+
+    b = _Builder([*step_inputs, *(f"global_{i}" for i in range(len(globals_)))])
+    _mark_inputs(b, kinds)
+    for i, gr in enumerate(globals_):
+        b.global_nodes[gr] = _mark(b.env[f"global_{i}"], "global")
+    assigned: list[str] = []
+    for a in program.step:
+        v = _mark(b.expr(a.value), a.value.kind)
+        if a.target in kinds:
+            v = b.layer(v) if kinds[a.target] == "layer" else b.elem(v)
+            if a.target not in assigned:
+                assigned.append(a.target)
+        elif a.target == "w":
+            v = b.elem(v)
+        b.assign(a.target, v)
+    outs = [b.elem(b.env["w"]), *(b.env[s] for s in assigned),
+            *(b.layer(b.env[n]) for n in program.watches)]
+    update = b.finish(outs, f"{program.name}_update")
+    return Lowered(program, hypers, states, layer_states, tuple(assigned), program.watches,
+                   globals_, init, reduce, update)
+
+
+def _mark_inputs(b: _Builder, state_kinds: dict[str, str]) -> None:
+    for name, node in b.env.items():
+        kind = "elem" if name in ("w", "g") else state_kinds.get(name, "const")
+        _mark(node, kind)

@@ -1,0 +1,130 @@
+"""The torch meaning of the language's operators and built-ins.
+
+These functions are the call targets of the lowered ``torch.fx`` graphs
+(``layerwise.lower``), so eager execution runs them directly and
+``torch.compile`` traces through them. Conventions:
+
+* An elem-kind value is a 1-D tensor (the parameter flattened); layer,
+  global and const values are 0-d tensors or Python floats.
+* Comparisons and ``and``/``or``/``not`` give 1.0 or 0.0 in the dtype of
+  ``ref`` (the step's compute dtype), never bool tensors, so that their
+  results can be summed or multiplied like any other value.
+* ``numel`` is passed in as a 0-d tensor (the parameter's element count),
+  so no graph depends on a concrete size.
+* Reductions of an empty parameter: ``norm``, ``sum``, ``dot``,
+  ``max_abs`` give 0; ``mean`` and ``rms`` give NaN (0 / 0).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+__all__ = [
+    "as_tensor", "compare", "logical_and", "logical_or", "logical_not", "where",
+    "minimum", "maximum", "clip", "rsqrt", "sign", "norm", "dot", "max_abs", "mean", "rms",
+    "fill_like", "scalar",
+]
+
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+            "==": operator.eq, "!=": operator.ne}
+
+
+def as_tensor(x, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor of ``ref``'s dtype and device (0-d if ``x`` is a float)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(x, dtype=ref.dtype, device=ref.device)
+
+
+def _truth(x):
+    return x != 0
+
+
+def compare(op: str, a, b, ref: torch.Tensor) -> torch.Tensor:
+    """``a op b`` as 1.0 / 0.0 in ``ref``'s dtype; ``op`` is one of ``< <= > >= == !=``."""
+    return as_tensor(_COMPARE[op](a, b), ref).to(ref.dtype)
+
+
+def logical_and(a, b, ref: torch.Tensor) -> torch.Tensor:
+    """1.0 where both ``a`` and ``b`` are non-zero, else 0.0."""
+    return torch.logical_and(as_tensor(_truth(a), ref), as_tensor(_truth(b), ref)).to(ref.dtype)
+
+
+def logical_or(a, b, ref: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``a`` or ``b`` is non-zero, else 0.0."""
+    return torch.logical_or(as_tensor(_truth(a), ref), as_tensor(_truth(b), ref)).to(ref.dtype)
+
+
+def logical_not(a, ref: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``a`` is zero, else 0.0."""
+    return as_tensor(a == 0, ref).to(ref.dtype)
+
+
+def where(cond, a, b, ref: torch.Tensor) -> torch.Tensor:
+    """``a`` where ``cond`` is non-zero, else ``b`` (broadcast)."""
+    return torch.where(as_tensor(_truth(cond), ref), as_tensor(a, ref), as_tensor(b, ref))
+
+
+def minimum(a, b, ref: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum (NaN if either is NaN)."""
+    return torch.minimum(as_tensor(a, ref), as_tensor(b, ref))
+
+
+def maximum(a, b, ref: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum (NaN if either is NaN)."""
+    return torch.maximum(as_tensor(a, ref), as_tensor(b, ref))
+
+
+def clip(x, lo, hi, ref: torch.Tensor) -> torch.Tensor:
+    """``min(max(x, lo), hi)``."""
+    return minimum(maximum(x, lo, ref), hi, ref)
+
+
+def rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(x)``."""
+    return torch.rsqrt(x)
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """-1, 0 or 1."""
+    return torch.sign(x)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm over all elements (0 for an empty tensor)."""
+    return torch.linalg.vector_norm(x)
+
+
+def dot(x: torch.Tensor, y) -> torch.Tensor:
+    """Sum of the elementwise product."""
+    return torch.sum(x * y)
+
+
+def max_abs(x: torch.Tensor) -> torch.Tensor:
+    """Largest absolute value (0 for an empty tensor)."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    return torch.amax(torch.abs(x))
+
+
+def mean(x: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+    """Mean over all elements (NaN for an empty tensor)."""
+    return torch.sum(x) / numel
+
+
+def rms(x: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
+    """Root mean square over all elements (NaN for an empty tensor)."""
+    return torch.sqrt(torch.sum(x * x) / numel)
+
+
+def fill_like(value, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a float or 0-d tensor) broadcast to ``ref``'s shape, as a new tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.expand_as(ref).clone()
+    return torch.full_like(ref, value)
+
+
+def scalar(value: float, ref: torch.Tensor) -> torch.Tensor:
+    """A new 0-d tensor holding ``value`` in ``ref``'s dtype."""
+    return torch.tensor(value, dtype=ref.dtype, device=ref.device)

@@ -1,0 +1,113 @@
+"""Run lowered graphs over many parameters: the eager and the compiled step.
+
+Both paths call the SAME ``torch.fx`` graphs (``layerwise.lower``) through
+the same small wrapper functions; the compiled path passes the wrappers
+through ``torch.compile``. Design choices (measured; see
+``docs/design-runtime.md``):
+
+* Every parameter is flattened to 1-D and the wrappers are compiled with
+  ``dynamic=True``, so the number of compiled graphs depends on the
+  program and the dtypes, never on the number or shapes of parameters
+  (sizes 0 and 1 are specialised by dynamo, so at most three per dtype).
+* Hyperparameters, ``t`` and ``numel`` enter as 0-d tensors: a new ``lr``
+  from a scheduler changes a tensor's value, not a guard, so it never
+  recompiles.
+* The wrapper writes the graph's outputs back into the parameter and
+  state tensors with ``copy_``, which inductor fuses into the update
+  kernel (no extra pass over memory for the write-back).
+* Compiled steps are cached per checked program and shared by every
+  optimizer built from it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .check import CheckedProgram
+from .lower import Lowered, finish_globals, lower
+
+__all__ = ["Runner", "runner_for", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype states and the update use for a parameter of ``dtype``.
+
+    float32 and float64 parameters compute in their own dtype; bfloat16 and
+    float16 parameters in float32 (LANGUAGE.md section 8).
+    """
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _make_update(lowered: Lowered) -> Callable:
+    graph = lowered.update
+    slots = [lowered.state_names.index(s) for s in lowered.assigned_states]
+
+    def update(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
+               hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
+               globals_: Sequence[torch.Tensor]):
+        t.add_(1)
+        w = param.to(t.dtype)
+        g = grad.to(t.dtype)
+        outs = graph(w, g, t, numel, *hypers, *states, *globals_)
+        param.copy_(outs[0])
+        for j, i in enumerate(slots):
+            states[i].copy_(outs[1 + j])
+        return outs[1 + len(slots):]
+
+    return update
+
+
+def _make_reduce(lowered: Lowered) -> Callable:
+    graph = lowered.reduce
+
+    def reduce(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
+               hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor]):
+        return graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states)
+
+    return reduce
+
+
+class Runner:
+    """Runs one lowered program's graphs over parameters, eagerly or compiled.
+
+    All tensors passed in are 1-D views of parameter-shaped tensors (or 0-d
+    tensors) as described in ``layerwise.lower``; ``t`` is the parameter's
+    step count *before* this step, in the compute dtype, and is advanced
+    in place by :meth:`update`.
+    """
+
+    def __init__(self, lowered: Lowered, compile: bool):
+        self.lowered = lowered
+        self.compiled = compile
+        self.update_fn = _make_update(lowered)
+        self.reduce_fn = _make_reduce(lowered) if lowered.reduce is not None else None
+        if compile:
+            self.update_fn = torch.compile(self.update_fn, dynamic=True, fullgraph=True)
+            if self.reduce_fn is not None:
+                self.reduce_fn = torch.compile(self.reduce_fn, dynamic=True, fullgraph=True)
+
+    def init_states(self, w: torch.Tensor, numel: torch.Tensor,
+                    hypers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Initial state values for one parameter (run once, eagerly)."""
+        return list(self.lowered.init(w, numel, *hypers))
+
+    def finish_globals(self, partials: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Global values from each parameter's reduce-graph outputs."""
+        if not partials:
+            return []
+        totals = [torch.stack([p[i] for p in partials]).sum()
+                  for i in range(len(self.lowered.globals))]
+        return finish_globals(self.lowered, totals)
+
+
+_CACHE: dict[tuple[CheckedProgram, bool], Runner] = {}
+
+
+def runner_for(program: CheckedProgram, compile: bool) -> Runner:
+    """The (cached) runner of ``program``: one compiled step per program, not per optimizer."""
+    key = (program, compile)
+    runner = _CACHE.get(key)
+    if runner is None:
+        runner = _CACHE[key] = Runner(lower(program), compile)
+    return runner
