@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .runtime import Runner, compute_dtype, runner_for
+from .runtime import Runner, compute_dtype, flat, runner_for
 from .rules import rule_overrides
 from .spec import Spec, load
 
@@ -224,10 +224,10 @@ class Optimizer(torch.optim.Optimizer):
         if numel is None or numel.dtype != dtype:
             numel = self._numels[p] = torch.tensor(float(p.numel()), dtype=dtype,
                                                    device=p.device)
-        states = [state[n].view(-1) if not layer else state[n]
+        states = [state[n] if layer else flat(state[n])
                   for n, layer in zip(self._runner.lowered.state_names,
                                       self._runner.lowered.layer_states)]
-        return (p.detach().view(-1), p.grad.detach().reshape(-1), state["step"], numel,
+        return (flat(p.detach()), flat(p.grad.detach().contiguous()), state["step"], numel,
                 item["hypers"], states)
 
     # ---------------------------------------------------------------- state_dict

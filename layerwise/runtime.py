@@ -16,10 +16,13 @@ through ``torch.compile``. Design choices (measured; see
   state tensors with ``copy_``, which inductor fuses into the update
   kernel (no extra pass over memory for the write-back).
 * Compiled steps are cached per checked program and shared by every
-  optimizer built from it.
+  optimizer built from it. Each program's wrapper gets its own code
+  object (:func:`_own_code`): dynamo keeps its compiled graphs per code
+  object, so programs never share (and exhaust) one recompile budget.
 """
 from __future__ import annotations
 
+import types
 from typing import Callable, Sequence
 
 import torch
@@ -27,7 +30,19 @@ import torch
 from .check import CheckedProgram
 from .lower import Lowered, finish_globals, lower
 
-__all__ = ["Runner", "runner_for", "compute_dtype"]
+__all__ = ["Runner", "runner_for", "compute_dtype", "flat"]
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor aliasing ``t``'s elements that is not a view (no ``_base``).
+
+    dynamo guards on a view's base: passing ``t.view(-1)`` would compile one
+    graph per parameter rank. ``t`` must be contiguous; a 0-d tensor gives
+    shape ``(1,)``.
+    """
+    out = t.new_empty(0)
+    out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+    return out
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,6 +83,12 @@ def _make_reduce(lowered: Lowered) -> Callable:
     return reduce
 
 
+def _own_code(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` with a new code object, so dynamo caches it separately."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 class Runner:
     """Runs one lowered program's graphs over parameters, eagerly or compiled.
 
@@ -83,9 +104,12 @@ class Runner:
         self.update_fn = _make_update(lowered)
         self.reduce_fn = _make_reduce(lowered) if lowered.reduce is not None else None
         if compile:
-            self.update_fn = torch.compile(self.update_fn, dynamic=True, fullgraph=True)
+            name = lowered.program.name
+            self.update_fn = torch.compile(_own_code(self.update_fn, f"{name}_update_step"),
+                                           dynamic=True, fullgraph=True)
             if self.reduce_fn is not None:
-                self.reduce_fn = torch.compile(self.reduce_fn, dynamic=True, fullgraph=True)
+                self.reduce_fn = torch.compile(_own_code(self.reduce_fn, f"{name}_reduce_step"),
+                                               dynamic=True, fullgraph=True)
 
     def init_states(self, w: torch.Tensor, numel: torch.Tensor,
                     hypers: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,135 @@
+"""The compiled path: graph counts, no recompiles from schedulers, state_dict round trips.
+
+Cold compiles cost 15-30 s on a 2-core CPU, so this file compiles only a
+tiny program (twice, under two names) and the `lamb` preset (shared with
+other tests through the runner cache).
+"""
+import copy
+import subprocess
+import sys
+import textwrap
+
+import torch
+from torch._dynamo.utils import counters
+
+import layerwise as lw
+
+TINY = """optimizer {name}
+hyper lr = 0.1 in [0, inf)
+state r : layer = 0
+step {{
+  r = 0.9 * r + 0.1 * rms(g)
+  w = w - lr * norm(w) / (norm(g) + 1) * g - lr * r * sign(g)
+}}
+"""
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def mixed_params(n: int, seed: int):
+    """``n`` parameters whose sizes cover 1, 2..4096 and > 4096 elements."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1,), (3, 4), (80, 90)]
+    extra = [(), (7,), (2, 3, 5), (5000,), (16, 16), (1, 1), (33, 129), (4, 4, 4, 4)]
+    for i in range(n - 3):
+        shapes.append(extra[i % len(extra)])
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes[:n]]
+
+
+def steps(opt, params, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(k):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def test_graph_count_does_not_grow_with_parameters_and_schedulers_do_not_recompile():
+    counts = {}
+    for n in (3, 300):
+        params = mixed_params(n, seed=n)
+        opt = lw.Optimizer(params, lw.parse(TINY.format(name=f"tiny_{n}")), compile=True)
+        before = compiled_graphs()
+        steps(opt, params, 2, seed=0)
+        counts[n] = compiled_graphs() - before
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=20,
+                                                    cycle_momentum=False)
+        before = compiled_graphs()
+        for _ in range(10):
+            steps(opt, params, 1, seed=1)
+            sched.step()
+        assert compiled_graphs() == before, "an LR scheduler step caused a recompile"
+        assert opt.param_groups[0]["lr"] != 0.1  # the scheduler did change lr
+    # sizes 1, 2..4096 and > 4096 each get one graph, however many parameters
+    assert counts[3] == counts[300] and 1 <= counts[3] <= 3, counts
+
+
+def make_lamb_setup(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    return model.to(dtype)
+
+
+def train(model, opt, k, seed0):
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(99), dtype=model[0].weight.dtype)
+    for s in range(k):
+        gen = torch.Generator().manual_seed(seed0 + s)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    return x
+
+
+def test_state_dict_round_trip_compiled_is_bit_identical():
+    ref = make_lamb_setup()
+    ref_opt = lw.Optimizer(ref.parameters(), "lamb", compile=True)
+    train(ref, ref_opt, 10, 0)
+
+    model = make_lamb_setup()
+    opt = lw.Optimizer(model.parameters(), "lamb", compile=True)
+    train(model, opt, 5, 0)
+    saved = copy.deepcopy(opt.state_dict())
+    copy_model = copy.deepcopy(model)
+    fresh = lw.Optimizer(copy_model.parameters(), "lamb", compile=True)
+    fresh.load_state_dict(saved)
+    train(copy_model, fresh, 5, 5)
+    for a, b in zip(copy_model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys, torch, layerwise as lw
+    sys.path.insert(0, {tests!r})
+    from test_compiled_step import make_lamb_setup, train
+    path, phase = sys.argv[1], sys.argv[2]
+    if phase == "first":
+        model = make_lamb_setup(torch.float64)
+        opt = lw.Optimizer(model.parameters(), "lamb", compile=False)
+        train(model, opt, 5, 0)
+        torch.save({{"model": model.state_dict(), "opt": opt.state_dict()}}, path)
+    else:
+        saved = torch.load(path)
+        model = make_lamb_setup(torch.float64)
+        model.load_state_dict(saved["model"])
+        opt = lw.Optimizer(model.parameters(), "lamb", compile=False)
+        opt.load_state_dict(saved["opt"])
+        train(model, opt, 5, 5)
+        torch.save(model.state_dict(), path)
+""")
+
+
+def test_state_dict_round_trip_into_a_fresh_process(tmp_path):
+    import pathlib
+    script = tmp_path / "resume.py"
+    script.write_text(FRESH_PROCESS.format(tests=str(pathlib.Path(__file__).parent)))
+    ckpt = tmp_path / "ckpt.pt"
+    for phase in ("first", "second"):
+        subprocess.run([sys.executable, str(script), str(ckpt), phase], check=True)
+    resumed = torch.load(ckpt)
+    ref = make_lamb_setup(torch.float64)
+    opt = lw.Optimizer(ref.parameters(), "lamb", compile=False)
+    train(ref, opt, 10, 0)
+    for name, value in ref.state_dict().items():
+        assert torch.equal(resumed[name], value), name
