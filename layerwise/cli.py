@@ -50,11 +50,9 @@ def _cmd_show(args) -> int:
     print(f"# checked program '{spec.name}' (from {spec.filename}; defs inlined)")
     print(spec.to_text())
     lowered = lower(spec.program)
-    for title, gm in (("init", lowered.init), ("reduce", lowered.reduce),
-                      ("update", lowered.update)):
-        if gm is not None:
-            print(f"# torch.fx graph: {title}")
-            print(gm.graph)
+    for title, gm in lowered.graphs():
+        print(f"# torch.fx graph: {title}")
+        print(gm.graph)
     return 0
 
 

@@ -1,26 +1,38 @@
 """Checked program -> ``torch.fx`` graphs: the intermediate representation.
 
-A checked program (``layerwise.check``) becomes up to three graphs over
-ONE parameter, all with named placeholders:
+A checked program (``layerwise.check``) becomes a few graphs, all with
+named placeholders. The per-parameter graphs run once per parameter per
+step; the consts graphs once per step for each distinct (hyper values, t):
 
 ``init``   ``(w, numel, *hypers) -> (*state initial values)``; run once per
            parameter, at its first step.
-``reduce`` ``(w, g, t, numel, *hypers, *states) -> (*partials)``; only for
-           programs with global reductions (LANGUAGE.md section 5): each
-           output is one parameter's share of a ``global_norm`` (sum of
-           squares) or ``global_sum`` (sum). The runtime adds the shares of
+``reduce_consts`` ``(t, *hypers) -> (*consts)`` and
+``reduce`` ``(w, g, t, numel, *hypers, *states, *consts) -> (*partials)``:
+           only for programs with global reductions (LANGUAGE.md section 5).
+           Each partial is one parameter's share of a ``global_norm`` (sum of
+           squares) or ``global_sum`` (sum); the runtime adds the shares of
            all parameters (phase 1) and :func:`finish_globals` turns the
            totals into the global values.
-``update`` ``(w, g, t, numel, *hypers, *states, *globals) ->
+``update_consts`` ``(t, *hypers, *globals) -> (*consts)`` and
+``update`` ``(w, g, t, numel, *hypers, *states, *consts) ->
            (new w, *new values of the assigned states, *watched values)``.
+
+Loop-invariant code motion: every const- or global-kind subexpression that
+is more than a name or a number (``1 - beta1^t``, ``max_grad_norm /
+global_norm(g)``) is computed in the consts graph and enters the
+per-parameter graph as a placeholder ``c0, c1, ...``; otherwise inductor
+recomputes it for every few elements (measured: it more than doubled the
+step time of ``lamb``). Division of an elem value by a narrower value
+becomes multiplication by its reciprocal, which is computed once.
 
 Shapes and dtypes: ``w``, ``g`` and elem states are 1-D tensors (the
 parameter flattened, ``numel`` elements) of the compute dtype; ``t``,
-``numel``, hypers, layer states and globals are 0-d tensors of the same
-dtype. Outputs never alias inputs, so the runtime may write them back in
-any order. Layer and global reductions are explicit nodes (``ops.norm``,
-``torch.sum``, ...), so the graph can be printed (``layerwise show``),
-interpreted eagerly and compiled.
+``numel``, hypers, consts, layer states and globals are 0-d tensors of the
+same dtype. Outputs of the per-parameter graphs never alias their inputs,
+so the runtime may write them back in any order. Layer and global
+reductions are explicit nodes (``ops.norm``, ``torch.sum``, ...), so the
+graphs can be printed (``layerwise show``), interpreted eagerly and
+compiled.
 """
 from __future__ import annotations
 
@@ -57,8 +69,16 @@ class Lowered:
     watch_names: tuple[str, ...]
     globals: tuple[GlobalReduction, ...]
     init: fx.GraphModule
+    reduce_consts: fx.GraphModule | None
     reduce: fx.GraphModule | None
+    update_consts: fx.GraphModule
     update: fx.GraphModule
+
+    def graphs(self) -> list[tuple[str, fx.GraphModule]]:
+        """``(title, graph module)`` for every graph, in execution order."""
+        return [(title, gm) for title, gm in (
+            ("init", self.init), ("reduce_consts", self.reduce_consts), ("reduce", self.reduce),
+            ("update_consts", self.update_consts), ("update", self.update)) if gm is not None]
 
 
 def finish_globals(lowered: Lowered, totals: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,16 +123,23 @@ def _names(e: Expr) -> frozenset[str]:
 
 
 class _Builder:
-    """Builds one fx graph: placeholders, expression lowering with CSE, outputs."""
+    """Builds one fx graph: placeholders, expression lowering with CSE, outputs.
 
-    def __init__(self, inputs: list[str]):
+    With ``hoist`` (the builder of a consts graph), const- and global-kind
+    subexpressions are lowered there and enter this graph as placeholders.
+    """
+
+    def __init__(self, inputs: list[str], hoist: "_Builder | None" = None):
         self.graph = fx.Graph()
         self.env: dict[str, fx.Node | float] = {n: self.graph.placeholder(n) for n in inputs}
         self.placeholders = set(self.env.values())
-        self.ref = self.env["w"]
-        self.numel = self.env["numel"]
+        self.last_placeholder = list(self.env.values())[-1]
+        self.ref = self.env["w"] if "w" in self.env else self.env["t"]
+        self.numel = self.env.get("numel")
         self.memo: dict[Expr, tuple[fx.Node | float, frozenset[str]]] = {}
         self.global_nodes: dict[GlobalReduction, fx.Node] = {}
+        self.hoist = hoist
+        self.hoisted: list[fx.Node] = []    # consts-graph values, one per placeholder c<i>
 
     def call(self, fn, *args):
         return self.graph.call_function(fn, args)
@@ -125,9 +152,35 @@ class _Builder:
         hit = self.memo.get(e)
         if hit is not None:
             return hit[0]
-        value = self._expr(e)
+        if self.hoist is not None and e.kind in ("const", "global") \
+                and not isinstance(e, (Num, Name)):
+            value = self.hoist.expr(e)
+            if isinstance(value, fx.Node):
+                value = self.const_input(value, e.kind)
+        else:
+            value = self._expr(e)
         self.memo[e] = (value, _names(e))
         return value
+
+    def const_input(self, hoisted: fx.Node, kind: str) -> fx.Node:
+        """The placeholder through which the consts graph's ``hoisted`` enters."""
+        if hoisted in self.hoisted:
+            return self.env[f"c{self.hoisted.index(hoisted)}"]
+        name = f"c{len(self.hoisted)}"
+        with self.graph.inserting_after(self.last_placeholder):
+            node = self.graph.placeholder(name)
+        node.meta["kind"] = kind
+        self.last_placeholder = node
+        self.placeholders.add(node)
+        self.env[name] = node
+        self.hoisted.append(hoisted)
+        return node
+
+    def assign_step(self, name: str, e: Expr, value) -> None:
+        """Bind ``name`` here and, for a const/global value, in the consts graph too."""
+        self.assign(name, value)
+        if self.hoist is not None and e.kind in ("const", "global"):
+            self.hoist.assign(name, self.hoist.expr(e))
 
     def _expr(self, e: Expr):
         if isinstance(e, Num):
@@ -143,6 +196,10 @@ class _Builder:
             return _fold(np.logical_not, x) if isinstance(x, float) else \
                 self.call(ops.logical_not, x, self.ref)
         if isinstance(e, Binary):
+            if e.op == "/" and e.left.kind == "elem" and e.right.kind != "elem":
+                # x / c -> x * (1 / c): one division per layer, not per element
+                recip = self.expr(Binary("/", Num(1.0, "const"), e.right, e.right.kind))
+                return self.call(operator.mul, self.expr(e.left), recip)
             a, b = self.expr(e.left), self.expr(e.right)
             folded = isinstance(a, float) and isinstance(b, float)
             if e.op in _ARITH:
@@ -266,9 +323,10 @@ def lower(program: CheckedProgram) -> Lowered:
     init = b.finish(outs, f"{program.name}_init")
 
     step_inputs = ["w", "g", "t", "numel", *hypers, *states]
-    reduce = None
+    reduce_consts = reduce = None
     if globals_:
-        b = _Builder(step_inputs)
+        hoist = _Builder(["t", *hypers])
+        b = _Builder(step_inputs, hoist)
         _mark_inputs(b, kinds)
         outs = []
         for gr in globals_:
@@ -281,11 +339,13 @@ def lower(program: CheckedProgram) -> Lowered:
                 part = b.call(operator.mul, x, x) if gr.func == "global_norm" else x
             outs.append(b.fresh(part))
         reduce = b.finish(outs, f"{program.name}_reduce")
+        reduce_consts = hoist.finish(b.hoisted, f"{program.name}_reduce_consts")
 
-    b = _Builder([*step_inputs, *(f"global_{i}" for i in range(len(globals_)))])
-    _mark_inputs(b, kinds)
+    hoist = _Builder(["t", *hypers, *(f"global_{i}" for i in range(len(globals_)))])
     for i, gr in enumerate(globals_):
-        b.global_nodes[gr] = _mark(b.env[f"global_{i}"], "global")
+        hoist.global_nodes[gr] = _mark(hoist.env[f"global_{i}"], "global")
+    b = _Builder(step_inputs, hoist)
+    _mark_inputs(b, kinds)
     assigned: list[str] = []
     for a in program.step:
         v = _mark(b.expr(a.value), a.value.kind)
@@ -295,12 +355,13 @@ def lower(program: CheckedProgram) -> Lowered:
                 assigned.append(a.target)
         elif a.target == "w":
             v = b.elem(v)
-        b.assign(a.target, v)
+        b.assign_step(a.target, a.value, v)
     outs = [b.elem(b.env["w"]), *(b.env[s] for s in assigned),
             *(b.layer(b.env[n]) for n in program.watches)]
     update = b.finish(outs, f"{program.name}_update")
+    update_consts = hoist.finish(b.hoisted, f"{program.name}_update_consts")
     return Lowered(program, hypers, states, layer_states, tuple(assigned), program.watches,
-                   globals_, init, reduce, update)
+                   globals_, init, reduce_consts, reduce, update_consts, update)
 
 
 def _mark_inputs(b: _Builder, state_kinds: dict[str, str]) -> None:

@@ -156,13 +156,28 @@ class Optimizer(torch.optim.Optimizer):
         for item in work:
             if not self.state[item["param"]]:
                 self._init_state(item)
+        # t of this step for each parameter, and the tensors of it shared by
+        # every parameter with the same hyper values and step count
+        steps = [float(self.state[item["param"]]["step"]) + 1 for item in work]
+        t_now: dict[tuple, torch.Tensor] = {}
+        for item, t in zip(work, steps):
+            key = (id(item["hypers"]), t)
+            if key not in t_now:
+                t_now[key] = torch.tensor(t, dtype=item["dtype"], device=item["param"].device)
+            item["t_key"] = key
         globals_: list[torch.Tensor] = []
         if runner.reduce_fn is not None:
-            partials = [runner.reduce_fn(*self._args(item)) for item in work]
+            consts = {k: runner.reduce_consts(t, self._hyper_list(work, k))
+                      for k, t in t_now.items()}
+            partials = [runner.reduce_fn(*self._args(item), consts[item["t_key"]])
+                        for item in work]
             globals_ = runner.finish_globals(partials)
+        consts = {k: runner.update_consts(t, self._hyper_list(work, k),
+                                          [x.to(t.dtype) for x in globals_])
+                  for k, t in t_now.items()}
         watched: dict[str, list[torch.Tensor]] = {n: [] for n in self.program.watches}
         for item in work:
-            values = runner.update_fn(*self._args(item), [x.to(item["dtype"]) for x in globals_])
+            values = runner.update_fn(*self._args(item), consts[item["t_key"]])
             for n, v in zip(self.program.watches, values):
                 watched[n].append(v)
         for n, vals in watched.items():
@@ -205,6 +220,10 @@ class Optimizer(torch.optim.Optimizer):
                              "hypers": hyper_tensors[key]})
         return work
 
+    @staticmethod
+    def _hyper_list(work: list[dict[str, Any]], key: tuple) -> list[torch.Tensor]:
+        return next(item["hypers"] for item in work if item["t_key"] == key)
+
     def _init_state(self, item: dict[str, Any]) -> None:
         p, dtype = item["param"], item["dtype"]
         state = self.state[p]
@@ -214,7 +233,9 @@ class Optimizer(torch.optim.Optimizer):
         state["step"] = torch.zeros((), dtype=dtype, device=p.device)
         for name, layer, value in zip(self._runner.lowered.state_names,
                                       self._runner.lowered.layer_states, inits):
-            state[name] = value.reshape(()) if layer else value.reshape(p.shape).clone()
+            # clone both: two states with the same initial expression share
+            # one output tensor of the init graph (CSE), so they must not alias
+            state[name] = value.reshape(()).clone() if layer else value.reshape(p.shape).clone()
 
     def _args(self, item: dict[str, Any]):
         p = item["param"]

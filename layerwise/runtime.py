@@ -60,11 +60,11 @@ def _make_update(lowered: Lowered) -> Callable:
 
     def update(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
                hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
-               globals_: Sequence[torch.Tensor]):
+               consts: Sequence[torch.Tensor]):
         t.add_(1)
         w = param.to(t.dtype)
         g = grad.to(t.dtype)
-        outs = graph(w, g, t, numel, *hypers, *states, *globals_)
+        outs = graph(w, g, t, numel, *hypers, *states, *consts)
         param.copy_(outs[0])
         for j, i in enumerate(slots):
             states[i].copy_(outs[1 + j])
@@ -77,8 +77,10 @@ def _make_reduce(lowered: Lowered) -> Callable:
     graph = lowered.reduce
 
     def reduce(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
-               hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor]):
-        return graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states)
+               hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
+               consts: Sequence[torch.Tensor]):
+        return graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states,
+                     *consts)
 
     return reduce
 
@@ -92,10 +94,15 @@ def _own_code(fn: Callable, name: str) -> Callable:
 class Runner:
     """Runs one lowered program's graphs over parameters, eagerly or compiled.
 
-    All tensors passed in are 1-D views of parameter-shaped tensors (or 0-d
-    tensors) as described in ``layerwise.lower``; ``t`` is the parameter's
-    step count *before* this step, in the compute dtype, and is advanced
-    in place by :meth:`update`.
+    ``update_fn(param, grad, t, numel, hypers, states, consts)`` and
+    ``reduce_fn`` (same arguments) take 1-D aliases of parameter-shaped
+    tensors (or 0-d tensors) as described in ``layerwise.lower``; ``t`` is
+    the parameter's step count *before* this step, in the compute dtype,
+    and is advanced in place by ``update_fn``. ``consts`` come from
+    :meth:`update_consts` / :meth:`reduce_consts` for the step count of
+    this step (``t + 1``). The consts and init graphs always run eagerly:
+    they are a few scalar operations, run once per step per distinct
+    (hyper values, t), or once per parameter.
     """
 
     def __init__(self, lowered: Lowered, compile: bool):
@@ -115,6 +122,16 @@ class Runner:
                     hypers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Initial state values for one parameter (run once, eagerly)."""
         return list(self.lowered.init(w, numel, *hypers))
+
+    def update_consts(self, t: torch.Tensor, hypers: Sequence[torch.Tensor],
+                      globals_: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Hoisted const/global values of the update graph for step count ``t``."""
+        return self.lowered.update_consts(t, *hypers, *globals_)
+
+    def reduce_consts(self, t: torch.Tensor,
+                      hypers: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Hoisted const values of the reduce graph for step count ``t``."""
+        return self.lowered.reduce_consts(t, *hypers)
 
     def finish_globals(self, partials: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Global values from each parameter's reduce-graph outputs."""
