@@ -1,0 +1,33 @@
+"""Independent NumPy float64 reference implementations of the shipped presets.
+
+Written from the papers and source files each class cites, sharing no code
+with the ``layerwise`` package (which is never imported here), so that a
+preset and its reference agreeing means something. ``REFERENCES`` maps each
+preset name (``presets/NAME.lw``) to its reference class.
+
+Usage::
+
+    params = {"w": np.ones((3, 2))}               # float64, updated in place
+    opt = REFERENCES["lamb"](params, lr=1e-2)      # hypers as in the preset
+    opt.step({"w": np.full((3, 2), 0.5)})          # None skips a parameter
+    opt.watched["tr"]["w"]                         # trust ratio per step
+"""
+from .base import ReferenceOptimizer, l2norm
+from .classic import Adam, AdamW, Sgd
+from .lamb_family import Lamb, LambC, NvLamb
+from .lars_family import Larc, Lars, LarsLambPaper
+
+REFERENCES: dict[str, type[ReferenceOptimizer]] = {
+    "lamb": Lamb,
+    "lambc": LambC,
+    "nvlamb": NvLamb,
+    "lars": Lars,
+    "lars_lamb_paper": LarsLambPaper,
+    "larc": Larc,
+    "adam": Adam,
+    "adamw": AdamW,
+    "sgd": Sgd,
+}
+
+__all__ = ["REFERENCES", "ReferenceOptimizer", "l2norm", "Adam", "AdamW", "Sgd", "Lamb",
+           "LambC", "NvLamb", "Lars", "LarsLambPaper", "Larc"]
