@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
+from typing import Sequence
 
 from .builtins import BUILTINS, PREDICATE_NAMES, widest
 from .errors import Problem, Span, SpecError, suggest
@@ -137,14 +139,27 @@ def check_program(program: Program) -> tuple[CheckedProgram, Declarations]:
     """
     problems: list[Problem] = []
     decls = collect(program, problems)
+    return check_declarations(decls, program.filename, problems), decls
+
+
+def check_declarations(decls: Declarations, filename: str = "<string>",
+                       problems: Sequence[Problem] = ()) -> CheckedProgram:
+    """Check merged declarations; raises SpecError listing every problem.
+
+    ``problems`` are those already found while merging them (duplicate
+    declarations and the like); they are reported together with the
+    checker's own. If the declarations are incomplete (a parent could not be
+    loaded), only those are reported: checking would only find consequences.
+    """
+    if problems and not decls.complete:
+        raise SpecError(problems)
+    try:
+        checked = _Checker(decls, filename).run()
+    except SpecError as err:
+        raise SpecError([*problems, *err.problems]) from None
     if problems:
         raise SpecError(problems)
-    return check_declarations(decls, program.filename), decls
-
-
-def check_declarations(decls: Declarations, filename: str = "<string>") -> CheckedProgram:
-    """Check merged declarations; raises SpecError listing every problem."""
-    return _Checker(decls, filename).run()
+    return checked
 
 
 @dataclass
@@ -157,6 +172,7 @@ class _Scope:
     subst: dict[str, Expr] = field(default_factory=dict)  # def arguments
     stack: tuple[str, ...] = ()        # defs being inlined
     call_line: int = 0
+    call_file: str = ""                # where the outermost def call is
     in_global: bool = False
 
 
@@ -165,10 +181,18 @@ class _Checker:
         self.d = decls
         self.filename = filename
         self.problems: list[Problem] = []
+        self.reported: set[tuple[Span, str]] = set()
+        self.inlined: set[str] = set()     # defs called somewhere
 
     def bad(self, span: Span, message: str, scope: _Scope | None = None) -> None:
         if scope is not None and scope.stack:
-            message += f" (in def '{scope.stack[-1]}' called at line {scope.call_line})"
+            # A fault inside a def is reported once, at its first call.
+            if (span, message) in self.reported:
+                return
+            self.reported.add((span, message))
+            where = (f"line {scope.call_line}" if scope.call_file == span.filename
+                     else f"{PurePath(scope.call_file).name}:{scope.call_line}")
+            message += f" (in def '{scope.stack[-1]}' called at {where})"
         self.problems.append(Problem(span, message))
 
     # ------------------------------------------------------------ driver
@@ -179,6 +203,7 @@ class _Checker:
         rules = self.check_rules()
         step, final_env = self.check_step()
         watches = self.check_watches(final_env)
+        self.check_unused_defs()
         if self.problems:
             raise SpecError(self.problems)
         return CheckedProgram(self.d.name, hypers, states, rules, watches, step, self.filename)
@@ -201,14 +226,40 @@ class _Checker:
     # ------------------------------------------------------------ defs
     def check_recursion(self) -> None:
         calls = {name: _calls(d.body) & set(self.d.defs) for name, d in self.d.defs.items()}
+        in_reported_cycle: set[str] = set()
         for name, d in self.d.defs.items():
             if len(set(d.params)) != len(d.params):
                 dup = next(p for p in d.params if d.params.count(p) > 1)
                 self.bad(d.span, f"def '{name}' has the argument '{dup}' twice")
             path = _cycle(name, calls)
-            if path:
+            if path and name not in in_reported_cycle:
+                in_reported_cycle.update(path)
                 self.bad(d.span, "def '" + name + "' is recursive (" + " -> ".join(path)
                          + "); recursion is not allowed")
+
+    def check_unused_defs(self) -> None:
+        """Calls in defs that are never called: unknown functions and wrong arity.
+
+        Names in a def are resolved where it is called, so an unused def can
+        only be checked for what does not depend on a call site.
+        """
+        for d in self.d.defs.values():
+            if d.name in self.inlined:
+                continue
+            for node in _walk(d.body):
+                if not isinstance(node, Call):
+                    continue
+                arity = (len(self.d.defs[node.func].params) if node.func in self.d.defs
+                         else BUILTINS[node.func].arity if node.func in BUILTINS else None)
+                if arity is None:
+                    self.bad(node.span, f"unknown function '{node.func}'"
+                             + suggest(node.func, [*BUILTINS, *self.d.defs])
+                             + f" (in def '{d.name}')")
+                elif arity != len(node.args):
+                    what = (f"def '{node.func}'" if node.func in self.d.defs
+                            else f"{node.func}()")
+                    self.bad(node.span, f"{what} takes {arity} argument{'s' * (arity != 1)}, "
+                                        f"got {len(node.args)} (in def '{d.name}')")
 
     # ------------------------------------------------------------ states
     def check_states(self) -> tuple[State, ...]:
@@ -273,6 +324,14 @@ class _Checker:
                 return None
             return replace(e, left=replace(e.left, kind="const"),
                            right=replace(e.right, kind="const"), kind="const")
+        if isinstance(e, Binary) and e.op not in ("and", "or", "~") and _is_name_and_string(e):
+            text = e.right.value if isinstance(e.right, Str) else e.left.value
+            regex = "^" + re.escape(text).replace('"', '\\"') + "$"
+            hint = ("; write " + ("not " if e.op == "!=" else "") + f'name ~ "{regex}"'
+                    if e.op in ("==", "!=") else "")
+            self.bad(e.span, "the parameter's name is tested with '~' (a regular-expression "
+                             f"search), not '{e.op}'" + hint)
+            return None
         if isinstance(e, (Unary, Binary)):
             parts = [self.predicate(c) for c in _children(e)]
             if any(p is None for p in parts):
@@ -304,7 +363,9 @@ class _Checker:
             value = self.expr(a.value, scope)
             target_ok = self.check_target(a)
             if value is None or not target_ok:
-                env.setdefault(a.target, "elem")
+                # A local whose value is wrong gets no kind (None): later uses
+                # of it are not reported again, so one fault gives one error.
+                env.setdefault(a.target, None)
                 fresh.add(a.target)
                 continue
             state = d.states.get(a.target)
@@ -346,6 +407,8 @@ class _Checker:
                                  f"(e.g. tr = {n.id}(...)) and watch that")
             elif n.id not in env:
                 self.bad(n.span, f"cannot watch unknown name '{n.id}'" + suggest(n.id, env))
+            elif env[n.id] is None:
+                continue  # its assignment is already reported
             elif env[n.id] == "elem":
                 self.bad(n.span, f"cannot watch '{n.id}': it is elem-kind (one value per "
                                  "element); watch a layer value such as norm(...)")
@@ -380,8 +443,13 @@ class _Checker:
 
     def name(self, e: Name, sc: _Scope) -> Expr | None:
         if e.id in sc.subst:
-            return sc.subst[e.id]
+            arg = sc.subst[e.id]
+            # A def argument was checked where the def is called; inside a
+            # global reduction it must obey that reduction's rules too.
+            return arg if not sc.in_global or self.global_arg_ok(arg, sc) else None
         if e.id in sc.env:
+            if sc.env[e.id] is None:
+                return None  # a local whose assignment is already reported
             if sc.in_global and e.id in sc.fresh:
                 self.bad(e.span, f"'{e.id}' is computed earlier in this step; a global "
                                  "reduction may use only w, g, t, hypers and state values "
@@ -401,6 +469,20 @@ class _Checker:
             known = [*sc.env, *sc.subst, *self.d.defs]
             self.bad(e.span, f"unknown name '{e.id}'" + suggest(e.id, known), sc)
         return None
+
+    def global_arg_ok(self, arg: Expr, sc: _Scope) -> bool:
+        """Whether a checked def argument may be used inside a global reduction."""
+        ok = True
+        for node in _walk(arg):
+            if isinstance(node, Name) and node.id in sc.fresh:
+                self.bad(node.span, f"'{node.id}' is computed earlier in this step; a global "
+                                    "reduction may use only w, g, t, hypers and state values "
+                                    "from the previous step", sc)
+                ok = False
+            elif isinstance(node, Call) and node.kind == "global":
+                self.bad(node.span, "global reductions cannot be nested", sc)
+                ok = False
+        return ok
 
     def call(self, e: Call, sc: _Scope) -> Expr | None:
         if e.func in self.d.defs:
@@ -455,10 +537,25 @@ class _Checker:
         args = [self.expr(a, sc) for a in e.args]
         if any(a is None for a in args):
             return None
+        self.inlined.add(e.func)
         inner = replace(sc, subst={**sc.subst, **dict(zip(d.params, args))},
                         stack=(*sc.stack, e.func),
-                        call_line=e.span.line if not sc.stack else sc.call_line)
+                        call_line=e.span.line if not sc.stack else sc.call_line,
+                        call_file=e.span.filename if not sc.stack else sc.call_file)
         return self.expr(d.body, inner)
+
+
+def _is_name_and_string(e: Binary) -> bool:
+    sides = {type(e.left), type(e.right)}
+    names = [x for x in (e.left, e.right) if isinstance(x, Name)]
+    return sides == {Name, Str} and names[0].id == "name"
+
+
+def _walk(e: Expr):
+    """``e`` and every expression under it."""
+    yield e
+    for c in _children(e):
+        yield from _walk(c)
 
 
 def _calls(e: Expr) -> set[str]:

@@ -31,6 +31,9 @@ class Declarations:
     rules: list[RuleDecl] = field(default_factory=list)
     watches: list[Name] = field(default_factory=list)
     step: StepDecl | None = None
+    #: False when a parent could not be loaded or the program has no
+    #: ``optimizer`` line: checking would then only report consequences.
+    complete: bool = True
 
     def category(self, name: str) -> str | None:
         """'hyper', 'state' or 'def' if ``name`` is declared as one, else None."""
@@ -72,21 +75,25 @@ def collect(program: Program, problems: list[Problem], chain: tuple[str, ...] = 
         span = _first_span(program)
         problems.append(Problem(span, "a program must start with 'optimizer NAME'"))
         apply_override(base, program, problems, rename=False)
+        base.complete = False
         return base
     head = decls[0]
     if head.parent is not None:
         path = _parent_file(head, program.filename, problems)
+        base.complete = path is not None
         if path is not None:
             key = str(path)
             if key in chain or key == _key(program.filename):
                 names = " -> ".join(Path(c).name for c in (*chain, program.filename, key))
                 problems.append(Problem(head.parent_span, f"extends cycle: {names}"))
+                base.complete = False
             else:
                 try:
                     parent = parse_text(path.read_text(encoding="utf-8"), str(path))
                     base = collect(parent, problems, (*chain, _key(program.filename)))
                 except SpecError as err:
                     problems.extend(err.problems)
+                    base.complete = False
     base.name, base.name_span = head.name, head.span
     _apply(base, decls[1:], problems)
     return base
@@ -98,8 +105,11 @@ def _key(filename: str) -> str:
 
 def _first_span(program: Program) -> Span:
     if program.decls:
-        d = program.decls[0]
-        return getattr(d, "span")
+        span = getattr(program.decls[0], "span")
+        text = span.source_line()
+        column = len(text) - len(text.lstrip()) + 1 if text.strip() else span.column
+        word = len(text.strip().split()[0]) if text.strip() else 1
+        return Span(span.filename, span.line, column, column + word, span.source)
     return Span(program.filename, 1, 1, 2, program.source)
 
 
@@ -183,4 +193,4 @@ def _apply(base: Declarations, decls, problems: list[Problem]) -> None:
 def copy_declarations(d: Declarations) -> Declarations:
     """A copy of ``d`` that can be changed without changing ``d``."""
     return Declarations(d.name, d.name_span, dict(d.hypers), dict(d.states),
-                        dict(d.defs), list(d.rules), list(d.watches), d.step)
+                        dict(d.defs), list(d.rules), list(d.watches), d.step, d.complete)

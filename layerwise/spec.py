@@ -55,9 +55,7 @@ class Spec:
         problems: list[Problem] = []
         merged = apply_override(copy_declarations(self._declarations),
                                 parse_fragment(text, filename), problems)
-        if problems:
-            raise SpecError(problems)
-        return Spec(check_declarations(merged, filename), merged, filename)
+        return Spec(check_declarations(merged, filename, problems), merged, filename)
 
     def to_text(self) -> str:
         """The checked program as flat text (no extends, defs inlined)."""

@@ -13,6 +13,7 @@ printed text equals the original. Expression nodes carry a ``kind`` that is
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -26,9 +27,14 @@ __all__ = [
     "Range", "Assign", "OptimizerDecl", "HyperDecl", "StateDecl", "DefDecl",
     "RuleDecl", "WatchDecl", "StepDecl", "Decl", "Program",
     "parse_text", "parse_fragment", "format_program", "format_expr", "format_number",
+    "RESERVED",
 ]
 
 _NOSPAN = Span("<none>", 0, 0, 0)
+
+#: Words that cannot be names (LANGUAGE.md section 2; the grammar's NAME excludes them).
+RESERVED = frozenset({"optimizer", "extends", "hyper", "state", "def", "step", "for", "watch",
+                      "in", "and", "or", "not", "true", "false", "inf"})
 
 
 def _span() -> Span:
@@ -197,18 +203,27 @@ class Program:
 
 # ---------------------------------------------------------------- parsing
 class _ParenNewlines:
-    """Postlexer: a newline inside ``( )`` does not end a statement."""
+    """Postlexer: a newline inside ``( )`` does not end a statement.
+
+    It also keeps the brackets that are open (``self.open``, innermost
+    last) so that a syntax error can name an unclosed ``(`` or ``{``.
+    """
 
     always_accept = ("_NL",)
 
+    def __init__(self):
+        self.open: list[lark.Token] = []
+
     def process(self, stream):
-        depth = 0
+        self.open = opened = []
         for tok in stream:
-            if tok.type == "LPAR":
-                depth += 1
-            elif tok.type == "RPAR":
-                depth = max(0, depth - 1)
-            elif tok.type == "_NL" and depth > 0:
+            if tok.type in ("LPAR", "LBRACE"):
+                opened.append(tok)
+            elif tok.type in ("RPAR", "RBRACE"):
+                want = "LPAR" if tok.type == "RPAR" else "LBRACE"
+                if opened and opened[-1].type == want:
+                    opened.pop()
+            elif tok.type == "_NL" and any(t.type == "LPAR" for t in opened):
                 continue
             yield tok
 
@@ -232,6 +247,7 @@ _TOKEN_WORDS = {
     "LBOUND": "'[' or '('", "RBOUND": "']' or ')'", "INF": "'inf'", "SIGN": "a sign",
     "ADD_OP": "'+' or '-'", "MUL_OP": "'*' or '/'", "POW_OP": "'^'",
     "COMP_OP": "a comparison", "MATCH_OP": "'~'", "_IN": "'in'", "LAYER": "'layer'",
+    "_AND": "'and'", "_OR": "'or'", "_NOT": "'not'", "TRUE": "'true'", "FALSE": "'false'",
 }
 
 
@@ -250,24 +266,69 @@ def _expected(names) -> str:
     return "; expected " + ", ".join(words)
 
 
+_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")   # the grammar's NUMBER
+_BAD_NUMBER = re.compile(r"(?:\d|\.\d)(?:[eE][+-]|[\w.])*")
+
+
+def _bad_number(text: str, pos: int) -> tuple[int, str] | None:
+    """A malformed number around ``pos`` (``1e``, ``1.2.3``, ``2w``): its start and text."""
+    start = pos
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "._"
+                         or (text[start - 1] in "+-" and start > 1
+                             and text[start - 2] in "eE")):
+        start -= 1
+    m = _BAD_NUMBER.match(text, start)
+    if m is None or m.end() <= pos or _NUMBER.fullmatch(m.group()):
+        return None
+    return start, m.group()
+
+
 def _syntax_problem(err: lark.exceptions.UnexpectedInput, filename: str, text: str) -> Problem:
     line = getattr(err, "line", None)
     column = getattr(err, "column", None)
     if not isinstance(line, int) or line < 1:
         lines = text.splitlines() or [""]
         line, column = len(lines), len(lines[-1]) + 1
+    opened = list(_parser().options.postlex.open)
+    tok = getattr(err, "token", None)
+    # An unclosed bracket: the end of the file (or a '}' while a '(' is open)
+    # is where the parser notices, but the fault is the opening bracket.
+    if isinstance(err, (lark.exceptions.UnexpectedToken, lark.exceptions.UnexpectedEOF)) \
+            and opened and (tok is None or tok.type == "$END"
+                            or (tok.type == "RBRACE" and opened[-1].type == "LPAR")):
+        br = opened[-1]
+        return Problem(Span(filename, br.line, br.column, br.column + 1, text),
+                       f"syntax error: '{br}' is never closed")
+    pos = getattr(err, "pos_in_stream", None)
+    if isinstance(pos, int) and 0 <= pos < len(text) and getattr(tok, "type", "") != "$END":
+        bad = _bad_number(text, pos)
+        if bad is not None:
+            start, word = bad
+            bline = text.count("\n", 0, start) + 1
+            bcol = start - (text.rfind("\n", 0, start) + 1) + 1
+            return Problem(Span(filename, bline, bcol, bcol + len(word), text),
+                           f"syntax error: malformed number '{word}'")
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
         msg = f"syntax error: unexpected character {ch!r}"
         width = 1
     elif isinstance(err, lark.exceptions.UnexpectedToken):
-        tok = err.token
+        try:
+            expected = err.accepts or err.expected
+        except Exception:  # pragma: no cover - accepts() replays the parser
+            expected = err.expected
         if tok.type == "$END":
-            msg = "syntax error: unexpected end of file" + _expected(err.expected)
+            msg = "syntax error: unexpected end of file" + _expected(expected)
             width = 1
+        elif str(tok) in RESERVED and "NAME" in expected:
+            msg = f"syntax error: '{tok}' is a reserved word and cannot be used as a name"
+            width = len(str(tok))
         else:
-            msg = f"syntax error: unexpected {_describe(tok)}" + _expected(err.expected)
+            msg = f"syntax error: unexpected {_describe(tok)}" + _expected(expected)
             width = max(1, len(str(tok))) if tok.type != "_NL" else 1
+            paren = next((t for t in reversed(opened) if t.type == "LPAR"), None)
+            if paren is not None and paren.line < line:
+                msg += f" (is the '(' at line {paren.line}, column {paren.column} closed?)"
     else:  # UnexpectedEOF
         msg = "syntax error: unexpected end of file"
         width = 1
@@ -441,6 +502,10 @@ class _Build(lark.Transformer):
     @lark.v_args(meta=True)
     def boolean(self, meta, items):
         return Num(1.0 if str(items[0]) == "true" else 0.0, None, self._tok(items[0]))
+
+    @lark.v_args(meta=True)
+    def string(self, meta, items):
+        return Str(_unquote(str(items[0])), None, self._tok(items[0]))
 
     @lark.v_args(meta=True)
     def name(self, meta, items):
