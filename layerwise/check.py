@@ -152,13 +152,13 @@ def check_declarations(decls: Declarations, filename: str = "<string>",
     loaded), only those are reported: checking would only find consequences.
     """
     if problems and not decls.complete:
-        raise SpecError(problems)
+        raise SpecError(problems, main=filename)
     try:
         checked = _Checker(decls, filename).run()
     except SpecError as err:
-        raise SpecError([*problems, *err.problems]) from None
+        raise SpecError([*problems, *err.problems], main=filename) from None
     if problems:
-        raise SpecError(problems)
+        raise SpecError(problems, main=filename)
     return checked
 
 

@@ -72,11 +72,15 @@ class SpecError(ValueError):
             source line quoted and a caret under the fault.
     """
 
-    def __init__(self, problems: Sequence[Problem] | Problem):
+    def __init__(self, problems: Sequence[Problem] | Problem, main: str | None = None):
         if isinstance(problems, Problem):
             problems = [problems]
-        problems = sorted(dict.fromkeys(problems),
-                          key=lambda p: (p.span.filename, p.span.line, p.span.column))
+        # the file being checked (``main``) first, then the other files in
+        # the order their first problem was found; places in file order
+        problems = list(dict.fromkeys(problems))
+        files = [main, *(p.span.filename for p in problems)]
+        order = {f: i for i, f in reversed(list(enumerate(files)))}
+        problems.sort(key=lambda p: (order[p.span.filename], p.span.line, p.span.column))
         if not problems:
             raise ValueError("SpecError needs at least one problem")
         self.problems: list[Problem] = list(problems)

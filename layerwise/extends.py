@@ -8,7 +8,7 @@ is a :class:`Declarations`: the merged, still unchecked declarations that
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .builtins import BUILTINS, PREDEFINED
@@ -169,6 +169,11 @@ def _apply(base: Declarations, decls, problems: list[Problem]) -> None:
                                             "only once"))
         elif isinstance(d, HyperDecl):
             if declare(d.name, "hyper", d.span):
+                inherited_hyper = base.hypers.get(d.name)
+                if d.range is None and inherited_hyper is not None:
+                    # a new default keeps the parent's range; a child widens
+                    # or drops it only by saying so (e.g. in (-inf, inf))
+                    d = replace(d, range=inherited_hyper.range)
                 base.hypers[d.name] = d
         elif isinstance(d, StateDecl):
             if declare(d.name, "state", d.span):

@@ -100,11 +100,21 @@ def presets() -> list[str]:
 
 
 def preset_summary(name: str) -> str:
-    """The first line of the comment under a preset's ``optimizer`` line."""
+    """The first sentence of the comment under a preset's ``optimizer`` line.
+
+    Raises:
+        KeyError: if there is no preset ``name``.
+    """
     path = preset_path(name)
     if path is None:
         raise KeyError(name)
+    words: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#") or not line.strip("# "):
+            if words:
+                break
+            continue
+        words.append(line.lstrip("#").strip())
+        if words[-1].endswith("."):
+            break
+    return " ".join(words)

@@ -479,3 +479,25 @@ def test_override_reports_declaration_and_check_problems_together():
         "<override>:2:7: 'k' is already declared as a hyper at line 1",
         "<override>:3:18: unknown name 'kk'; did you mean 'k'? (in def 'phi' called at lamb.lw:23)",
     ]
+
+
+def test_redeclared_hyper_without_range_keeps_the_parents_range(tmp_path):
+    child = tmp_path / "child.lw"
+    child.write_text("optimizer c extends lamb\nhyper beta1 = 1.5\n")
+    with pytest.raises(lw.SpecError) as err:
+        lw.load(child)
+    assert (err.value.line, err.value.column) == (2, 15)
+    assert "outside its range [0, 1)" in err.value.message
+    widened = lw.parse("optimizer c extends lamb\nhyper beta1 = 1.5 in (-inf, inf)\n",
+                       filename=str(tmp_path / "w.lw"))
+    assert widened.hypers["beta1"] == 1.5
+
+
+def test_first_problem_is_in_the_file_being_checked(tmp_path):
+    (tmp_path / "zparent.lw").write_text("optimizer p\nhyper a = 5 in [0, 1]\nstep {\n  w = w\n}\n")
+    child = tmp_path / "achild.lw"
+    child.write_text('optimizer c extends "zparent.lw"\nstep {\n  w = w + nope\n}\n')
+    with pytest.raises(lw.SpecError) as err:
+        lw.load(child)
+    assert err.value.filename == str(child) and (err.value.line, err.value.column) == (3, 11)
+    assert [p.span.filename for p in err.value.problems] == [str(child), str(tmp_path / "zparent.lw")]
