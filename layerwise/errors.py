@@ -67,9 +67,10 @@ class SpecError(ValueError):
     Attributes:
         filename, line, column: where the first problem is (1-based line and
             column), as the contract (LANGUAGE.md section 8) requires.
-        problems: every independent problem found, in file order; the
-            message of the exception renders all of them, each with its
-            source line quoted and a caret under the fault.
+        problems: every independent problem found: those in ``main`` (the
+            file being checked) first, then other files' (parents'), each
+            file's in line order. The message of the exception renders all
+            of them, each with its source line quoted and a caret under it.
     """
 
     def __init__(self, problems: Sequence[Problem] | Problem, main: str | None = None):

@@ -235,7 +235,8 @@ class _Builder:
             return self.call(ops.minimum if f == "min" else ops.maximum, *args, self.ref)
         if f == "clip":
             if const:
-                return min(max(args[0], args[1]), args[2])
+                # NaN-propagating like ops.clip (Python's min/max are not)
+                return _fold(lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi), *args)
             return self.call(ops.clip, *args, self.ref)
         if f == "where":
             if isinstance(args[0], float):

@@ -11,6 +11,8 @@ These functions are the call targets of the lowered ``torch.fx`` graphs
   results can be summed or multiplied like any other value.
 * ``numel`` is passed in as a 0-d tensor (the parameter's element count),
   so no graph depends on a concrete size.
+* Every elementwise built-in propagates NaN (``sign(NaN)`` is NaN, as in
+  the constant folding of ``layerwise.lower``, not 0 as ``torch.sign``).
 * Reductions of an empty parameter: ``norm``, ``sum``, ``dot``,
   ``max_abs`` give 0; ``mean`` and ``rms`` give NaN (0 / 0).
 """
@@ -87,8 +89,8 @@ def rsqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """-1, 0 or 1."""
-    return torch.sign(x)
+    """-1, 0 or 1; NaN for NaN (``torch.sign`` gives 0, which would hide a NaN)."""
+    return torch.where(torch.isnan(x), x, torch.sign(x))
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
