@@ -1,6 +1,7 @@
 """Checker unit tests: names, kinds, def inlining, extends/overrides, the Python API, SpecError."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -452,8 +453,10 @@ def _code_blocks(markdown: str) -> list[str]:
     return re.findall(r"```(?:\w*)\n(.*?)```", markdown, re.S)
 
 
-@pytest.mark.skipif(not LANGUAGE.is_file(), reason="shared/LANGUAGE.md is not beside the repo")
+@pytest.mark.skipif(not LANGUAGE.is_file() and not os.environ.get("CI"),
+                    reason="shared/LANGUAGE.md is not beside this checkout")
 def test_contract_programs_are_the_ones_in_language_md():
+    # CI always has shared/ beside the clone: there, a missing file fails
     blocks = _code_blocks(LANGUAGE.read_text(encoding="utf-8"))
     lamb = next(b for b in blocks if b.startswith("optimizer lamb\n"))
     rule = next(b for b in blocks if b.startswith("for ndim <= 1"))
