@@ -240,7 +240,13 @@ class _Builder:
             return self.call(ops.clip, *args, self.ref)
         if f == "where":
             if isinstance(args[0], float):
-                return args[1] if args[0] != 0 else args[2]
+                # A constant condition picks a branch, but the result keeps the
+                # kind of the whole where(): elem, when the branch is narrower,
+                # means the branch's value broadcast to the parameter's shape.
+                i = 1 if args[0] != 0 else 2
+                if e.kind == "elem" and e.args[i].kind != "elem":
+                    return self.call(ops.fill_like, args[i], self.ref)
+                return args[i]
             return self.call(ops.where, *args, self.ref)
         # Layer reductions: the checker guarantees an elem-kind argument.
         if f == "norm":
