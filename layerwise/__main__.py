@@ -3,4 +3,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":   # not when re-imported by a spawned worker (layerwise ablate)
+    sys.exit(main())

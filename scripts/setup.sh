@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install torch 2.13.0 (CPU build) first, then
-# layerwise with its test extras. Sourced by scripts/test.sh and scripts/demo.sh.
+# layerwise with its test and tasks extras. Sourced by scripts/test.sh and scripts/demo.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LAYERWISE_VENV:-$ROOT/.venv}"
@@ -9,5 +9,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch first and pinned: a range that admits a newer torch would pull a CUDA build.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$ROOT[test]"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$ROOT[test,tasks]"
 export PATH="$VENV/bin:$PATH"
