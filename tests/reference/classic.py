@@ -47,6 +47,25 @@ class AdamW(Adam):
     decoupled = True
 
 
+def sgd_direction(g: np.ndarray, state: dict, h: dict) -> np.ndarray:
+    """torch.optim.SGD's step direction from gradient ``g`` (weight decay already added).
+
+    With momentum, the buffer starts as ``g`` itself at the first step, then
+    ``buf = momentum * buf + (1 - dampening) * g``; nesterov returns
+    ``g + momentum * buf``, otherwise ``buf``. Without momentum, ``g``.
+    Source: torch/optim/sgd.py, ``_single_tensor_sgd``.
+    """
+    momentum = h["momentum"]
+    if momentum == 0:
+        return g
+    if "buf" not in state:
+        state["buf"] = np.array(g, dtype=np.float64)
+    else:
+        state["buf"][...] = momentum * state["buf"] + (1 - h["dampening"]) * g
+    buf = state["buf"]
+    return g + momentum * buf if h["nesterov"] else buf
+
+
 class Sgd(ReferenceOptimizer):
     """SGD with momentum, dampening and Nesterov momentum as torch.optim.SGD
     computes it (torch/optim/sgd.py, ``_single_tensor_sgd``; Nesterov after
@@ -65,12 +84,4 @@ class Sgd(ReferenceOptimizer):
 
     def update(self, w, g, state, t, h, context, name):
         g = g + h["weight_decay"] * w
-        momentum = h["momentum"]
-        if momentum != 0:
-            if "buf" not in state:
-                state["buf"] = np.array(g, dtype=np.float64)
-            else:
-                state["buf"][...] = momentum * state["buf"] + (1 - h["dampening"]) * g
-            buf = state["buf"]
-            g = g + momentum * buf if h["nesterov"] else buf
-        w[...] = w - h["lr"] * g
+        w[...] = w - h["lr"] * sgd_direction(g, state, h)

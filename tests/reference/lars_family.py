@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import ReferenceOptimizer, l2norm
+from .classic import sgd_direction
 
 __all__ = ["Lars", "LarsLambPaper", "Larc"]
 
@@ -97,13 +98,5 @@ class Larc(ReferenceOptimizer):
             adaptive_lr = h["trust_coefficient"] * w_norm / (g_norm + w_norm * wd + h["eps"])
             adaptive_lr = min(adaptive_lr / lr, 1.0)
             g = (g + wd * w) * adaptive_lr
-        momentum = h["momentum"]
-        if momentum != 0:
-            if "buf" not in state:
-                state["buf"] = np.array(g, dtype=np.float64)
-            else:
-                state["buf"][...] = momentum * state["buf"] + (1 - h["dampening"]) * g
-            buf = state["buf"]
-            g = g + momentum * buf if h["nesterov"] else buf
-        w[...] = w - lr * g
+        w[...] = w - lr * sgd_direction(g, state, h)
         return {"tr": adaptive_lr}
