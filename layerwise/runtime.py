@@ -29,6 +29,10 @@ import torch
 
 from .check import CheckedProgram
 from .lower import Lowered, finish_globals, lower
+from .split import SplitUpdate, split_update
+
+#: Parameters with more elements than this take the split passes when compiled.
+SPLIT_ABOVE = 4096
 
 __all__ = ["Runner", "runner_for", "compute_dtype", "flat"]
 
@@ -91,6 +95,27 @@ def _own_code(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+def _make_level(graph) -> Callable:
+    def level(param, grad, t, numel, hypers, states, consts, reds):
+        return graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states,
+                     *consts, *reds)
+    return level
+
+
+def _make_final(lowered: Lowered, graph) -> Callable:
+    slots = [lowered.state_names.index(s) for s in lowered.assigned_states]
+
+    def final(param, grad, t, numel, hypers, states, consts, reds):
+        t.add_(1)
+        outs = graph(param.to(t.dtype), grad.to(t.dtype), t, numel, *hypers, *states, *consts,
+                     *reds)
+        param.copy_(outs[0])
+        for j, i in enumerate(slots):
+            states[i].copy_(outs[1 + j])
+        return outs[1 + len(slots):]
+    return final
+
+
 class Runner:
     """Runs one lowered program's graphs over parameters, eagerly or compiled.
 
@@ -110,13 +135,35 @@ class Runner:
         self.compiled = compile
         self.update_fn = _make_update(lowered)
         self.reduce_fn = _make_reduce(lowered) if lowered.reduce is not None else None
+        self._split: SplitUpdate | None = None
         if compile:
             name = lowered.program.name
-            self.update_fn = torch.compile(_own_code(self.update_fn, f"{name}_update_step"),
-                                           dynamic=True, fullgraph=True)
+            self.fused_fn = torch.compile(_own_code(self.update_fn, f"{name}_update_step"),
+                                          dynamic=True, fullgraph=True)
+            self.update_fn = self.fused_fn
+            self._split = split_update(lowered.update)
+            if self._split is not None:
+                self._levels = [torch.compile(_own_code(_make_level(lv.graph), f"{name}_level{k}"),
+                                              dynamic=True, fullgraph=True)
+                                for k, lv in enumerate(self._split.levels, 1)]
+                self._final = torch.compile(
+                    _own_code(_make_final(lowered, self._split.final), f"{name}_final"),
+                    dynamic=True, fullgraph=True)
+                self.update_fn = self._update_any
             if self.reduce_fn is not None:
                 self.reduce_fn = torch.compile(_own_code(self.reduce_fn, f"{name}_reduce_step"),
                                                dynamic=True, fullgraph=True)
+
+    def _update_any(self, param, grad, t, numel, hypers, states, consts):
+        """Compiled update: fused for small parameters, split passes above SPLIT_ABOVE."""
+        if param.numel() <= SPLIT_ABOVE:
+            return self.fused_fn(param, grad, t, numel, hypers, states, consts)
+        reds: list = [None] * self._split.count
+        for fn, lv in zip(self._levels, self._split.levels):
+            values = fn(param, grad, t, numel, hypers, states, consts, [reds[i] for i in lv.reads])
+            for i, v in zip(lv.computes, values):
+                reds[i] = v
+        return self._final(param, grad, t, numel, hypers, states, consts, reds)
 
     def init_states(self, w: torch.Tensor, numel: torch.Tensor,
                     hypers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
