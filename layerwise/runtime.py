@@ -58,17 +58,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _make_update(lowered: Lowered) -> Callable:
-    graph = lowered.update
+def _make_update(lowered: Lowered, graph) -> Callable:
+    """The update wrapper around ``graph`` (the fused update or the split final
+    pass, which also takes the reductions ``reds``): advance ``t``, run the
+    graph, write the new parameter and states back."""
     slots = [lowered.state_names.index(s) for s in lowered.assigned_states]
 
     def update(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
                hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
-               consts: Sequence[torch.Tensor]):
+               consts: Sequence[torch.Tensor], reds: Sequence[torch.Tensor] = ()):
         t.add_(1)
         w = param.to(t.dtype)
         g = grad.to(t.dtype)
-        outs = graph(w, g, t, numel, *hypers, *states, *consts)
+        outs = graph(w, g, t, numel, *hypers, *states, *consts, *reds)
         param.copy_(outs[0])
         for j, i in enumerate(slots):
             states[i].copy_(outs[1 + j])
@@ -102,20 +104,6 @@ def _make_level(graph) -> Callable:
     return level
 
 
-def _make_final(lowered: Lowered, graph) -> Callable:
-    slots = [lowered.state_names.index(s) for s in lowered.assigned_states]
-
-    def final(param, grad, t, numel, hypers, states, consts, reds):
-        t.add_(1)
-        outs = graph(param.to(t.dtype), grad.to(t.dtype), t, numel, *hypers, *states, *consts,
-                     *reds)
-        param.copy_(outs[0])
-        for j, i in enumerate(slots):
-            states[i].copy_(outs[1 + j])
-        return outs[1 + len(slots):]
-    return final
-
-
 class Runner:
     """Runs one lowered program's graphs over parameters, eagerly or compiled.
 
@@ -133,7 +121,7 @@ class Runner:
     def __init__(self, lowered: Lowered, compile: bool):
         self.lowered = lowered
         self.compiled = compile
-        self.update_fn = _make_update(lowered)
+        self.update_fn = _make_update(lowered, lowered.update)
         self.reduce_fn = _make_reduce(lowered) if lowered.reduce is not None else None
         self._split: SplitUpdate | None = None
         if compile:
@@ -147,7 +135,7 @@ class Runner:
                                               dynamic=True, fullgraph=True)
                                 for k, lv in enumerate(self._split.levels, 1)]
                 self._final = torch.compile(
-                    _own_code(_make_final(lowered, self._split.final), f"{name}_final"),
+                    _own_code(_make_update(lowered, self._split.final), f"{name}_final"),
                     dynamic=True, fullgraph=True)
                 self.update_fn = self._update_any
             if self.reduce_fn is not None:
