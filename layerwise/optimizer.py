@@ -158,26 +158,25 @@ class Optimizer(torch.optim.Optimizer):
                 self._init_state(item)
         # t of this step for each parameter, and the tensors of it shared by
         # every parameter with the same hyper values and step count
-        steps = [float(self.state[item["param"]]["step"]) + 1 for item in work]
-        t_now: dict[tuple, torch.Tensor] = {}
-        for item, t in zip(work, steps):
+        t_now: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        for item in work:
+            t = float(self.state[item["param"]]["step"]) + 1
             key = (id(item["hypers"]), t)
             if key not in t_now:
-                t_now[key] = torch.tensor(t, dtype=item["dtype"], device=item["param"].device)
+                t_now[key] = (torch.tensor(t, dtype=item["dtype"], device=item["param"].device),
+                              item["hypers"])
             item["t_key"] = key
+            item["args"] = self._args(item)
         globals_: list[torch.Tensor] = []
         if runner.reduce_fn is not None:
-            consts = {k: runner.reduce_consts(t, self._hyper_list(work, k))
-                      for k, t in t_now.items()}
-            partials = [runner.reduce_fn(*self._args(item), consts[item["t_key"]])
-                        for item in work]
+            consts = {k: runner.reduce_consts(t, hypers) for k, (t, hypers) in t_now.items()}
+            partials = [runner.reduce_fn(*item["args"], consts[item["t_key"]]) for item in work]
             globals_ = runner.finish_globals(partials)
-        consts = {k: runner.update_consts(t, self._hyper_list(work, k),
-                                          [x.to(t.dtype) for x in globals_])
-                  for k, t in t_now.items()}
+        consts = {k: runner.update_consts(t, hypers, [x.to(t.dtype) for x in globals_])
+                  for k, (t, hypers) in t_now.items()}
         watched: dict[str, list[torch.Tensor]] = {n: [] for n in self.program.watches}
         for item in work:
-            values = runner.update_fn(*self._args(item), consts[item["t_key"]])
+            values = runner.update_fn(*item["args"], consts[item["t_key"]])
             for n, v in zip(self.program.watches, values):
                 watched[n].append(v)
         for n, vals in watched.items():
@@ -220,16 +219,11 @@ class Optimizer(torch.optim.Optimizer):
                              "hypers": hyper_tensors[key]})
         return work
 
-    @staticmethod
-    def _hyper_list(work: list[dict[str, Any]], key: tuple) -> list[torch.Tensor]:
-        return next(item["hypers"] for item in work if item["t_key"] == key)
-
     def _init_state(self, item: dict[str, Any]) -> None:
         p, dtype = item["param"], item["dtype"]
         state = self.state[p]
-        numel = torch.tensor(float(p.numel()), dtype=dtype, device=p.device)
         w = p.detach().reshape(-1).to(dtype)
-        inits = self._runner.init_states(w, numel, item["hypers"])
+        inits = self._runner.init_states(w, self._numel(p, dtype), item["hypers"])
         state["step"] = torch.zeros((), dtype=dtype, device=p.device)
         for name, layer, value in zip(self._runner.lowered.state_names,
                                       self._runner.lowered.layer_states, inits):
@@ -237,14 +231,20 @@ class Optimizer(torch.optim.Optimizer):
             # one output tensor of the init graph (CSE), so they must not alias
             state[name] = value.reshape(()).clone() if layer else value.reshape(p.shape).clone()
 
-    def _args(self, item: dict[str, Any]):
-        p = item["param"]
-        state = self.state[p]
-        dtype = item["dtype"]
+    def _numel(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``p``'s element count as a 0-d tensor of ``dtype`` (cached per parameter)."""
         numel = self._numels.get(p)
         if numel is None or numel.dtype != dtype:
             numel = self._numels[p] = torch.tensor(float(p.numel()), dtype=dtype,
                                                    device=p.device)
+        return numel
+
+    def _args(self, item: dict[str, Any]):
+        """The runner's per-parameter arguments: 1-D aliases of the parameter, its
+        gradient and elem states; ``t``, ``numel``, hypers and layer states."""
+        p = item["param"]
+        state = self.state[p]
+        numel = self._numel(p, item["dtype"])
         states = [state[n] if layer else flat(state[n])
                   for n, layer in zip(self._runner.lowered.state_names,
                                       self._runner.lowered.layer_states)]

@@ -79,29 +79,24 @@ def _make_update(lowered: Lowered, graph) -> Callable:
     return update
 
 
-def _make_reduce(lowered: Lowered) -> Callable:
-    graph = lowered.reduce
+def _make_pass(graph) -> Callable:
+    """The wrapper of a graph that only returns values (the global-reduction
+    pass, or a level pass of the split step, which also takes ``reds``): it
+    runs at the step count of this step, ``t + 1``, and writes nothing."""
 
-    def reduce(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
-               hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
-               consts: Sequence[torch.Tensor]):
+    def run_pass(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
+                 hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
+                 consts: Sequence[torch.Tensor], reds: Sequence[torch.Tensor] = ()):
         return graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states,
-                     *consts)
+                     *consts, *reds)
 
-    return reduce
+    return run_pass
 
 
 def _own_code(fn: Callable, name: str) -> Callable:
     """A copy of ``fn`` with a new code object, so dynamo caches it separately."""
     code = fn.__code__.replace(co_name=name)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
-def _make_level(graph) -> Callable:
-    def level(param, grad, t, numel, hypers, states, consts, reds):
-        return graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states,
-                     *consts, *reds)
-    return level
 
 
 class Runner:
@@ -120,9 +115,8 @@ class Runner:
 
     def __init__(self, lowered: Lowered, compile: bool):
         self.lowered = lowered
-        self.compiled = compile
         self.update_fn = _make_update(lowered, lowered.update)
-        self.reduce_fn = _make_reduce(lowered) if lowered.reduce is not None else None
+        self.reduce_fn = _make_pass(lowered.reduce) if lowered.reduce is not None else None
         self._split: SplitUpdate | None = None
         if compile:
             name = lowered.program.name
@@ -131,7 +125,7 @@ class Runner:
             self.update_fn = self.fused_fn
             self._split = split_update(lowered.update)
             if self._split is not None:
-                self._levels = [torch.compile(_own_code(_make_level(lv.graph), f"{name}_level{k}"),
+                self._levels = [torch.compile(_own_code(_make_pass(lv.graph), f"{name}_level{k}"),
                                               dynamic=True, fullgraph=True)
                                 for k, lv in enumerate(self._split.levels, 1)]
                 self._final = torch.compile(
