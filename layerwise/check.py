@@ -21,7 +21,7 @@ from typing import Sequence
 from .builtins import BUILTINS, PREDICATE_NAMES, widest
 from .errors import Problem, Span, SpecError, suggest
 from .extends import Declarations, collect
-from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary,
+from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary, children,
                      format_expr, format_number)
 
 __all__ = ["Hyper", "State", "Rule", "CheckedProgram", "check_program", "check_declarations"]
@@ -115,17 +115,8 @@ class CheckedProgram:
 def _mentions(e: Expr, name: str) -> bool:
     if isinstance(e, Name):
         return e.id == name
-    return any(_mentions(c, name) for c in _children(e))
+    return any(_mentions(c, name) for c in children(e))
 
-
-def _children(e: Expr):
-    if isinstance(e, Unary):
-        return (e.operand,)
-    if isinstance(e, Binary):
-        return (e.left, e.right)
-    if isinstance(e, Call):
-        return e.args
-    return ()
 
 
 def check_program(program: Program) -> tuple[CheckedProgram, Declarations]:
@@ -333,7 +324,7 @@ class _Checker:
                              f"search), not '{e.op}'" + hint)
             return None
         if isinstance(e, (Unary, Binary)):
-            parts = [self.predicate(c) for c in _children(e)]
+            parts = [self.predicate(c) for c in children(e)]
             if any(p is None for p in parts):
                 return None
             if isinstance(e, Unary):
@@ -554,13 +545,13 @@ def _is_name_and_string(e: Binary) -> bool:
 def _walk(e: Expr):
     """``e`` and every expression under it."""
     yield e
-    for c in _children(e):
+    for c in children(e):
         yield from _walk(c)
 
 
 def _calls(e: Expr) -> set[str]:
     out = {e.func} if isinstance(e, Call) else set()
-    for c in _children(e):
+    for c in children(e):
         out |= _calls(c)
     return out
 

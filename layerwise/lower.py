@@ -46,7 +46,7 @@ import torch.fx as fx
 
 from . import ops
 from .check import CheckedProgram
-from .syntax import Binary, Call, Expr, Name, Num, Unary
+from .syntax import Binary, Call, Expr, Name, Num, Unary, children
 
 __all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals"]
 
@@ -113,13 +113,7 @@ def _fold(fn, *args: float) -> float:
 def _names(e: Expr) -> frozenset[str]:
     if isinstance(e, Name):
         return frozenset((e.id,))
-    if isinstance(e, Unary):
-        return _names(e.operand)
-    if isinstance(e, Binary):
-        return _names(e.left) | _names(e.right)
-    if isinstance(e, Call):
-        return frozenset().union(*(_names(a) for a in e.args))
-    return frozenset()
+    return frozenset().union(*(_names(c) for c in children(e)))
 
 
 class _Builder:
@@ -303,8 +297,7 @@ def _globals(program: CheckedProgram) -> tuple[GlobalReduction, ...]:
             if gr not in found:
                 found.append(gr)
             return
-        for c in (e.operand,) if isinstance(e, Unary) else (e.left, e.right) \
-                if isinstance(e, Binary) else e.args if isinstance(e, Call) else ():
+        for c in children(e):
             walk(c)
 
     for a in program.step:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .check import CheckedProgram, check_declarations, check_program
-from .errors import Problem, SpecError
+from .errors import Problem
 from .extends import Declarations, apply_override, copy_declarations
 from .resources import preset_names, preset_path
 from .syntax import parse_fragment, parse_text

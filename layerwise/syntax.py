@@ -23,7 +23,7 @@ from .errors import Problem, Span, SpecError
 from .resources import grammar_text
 
 __all__ = [
-    "Num", "Name", "Str", "Unary", "Binary", "Call", "Expr",
+    "Num", "Name", "Str", "Unary", "Binary", "Call", "Expr", "children",
     "Range", "Assign", "OptimizerDecl", "HyperDecl", "StateDecl", "DefDecl",
     "RuleDecl", "WatchDecl", "StepDecl", "Decl", "Program",
     "parse_text", "parse_fragment", "format_program", "format_expr", "format_number",
@@ -98,6 +98,17 @@ class Call:
 
 
 Expr = Union[Num, Name, Str, Unary, Binary, Call]
+
+
+def children(e: Expr) -> tuple:
+    """The direct subexpressions of ``e`` (empty for a leaf)."""
+    if isinstance(e, Unary):
+        return (e.operand,)
+    if isinstance(e, Binary):
+        return (e.left, e.right)
+    if isinstance(e, Call):
+        return e.args
+    return ()
 
 
 # ---------------------------------------------------------------- declarations
