@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "as_tensor", "compare", "logical_and", "logical_or", "logical_not", "where",
-    "minimum", "maximum", "clip", "rsqrt", "sign", "norm", "dot", "max_abs", "mean", "rms",
+    "minimum", "maximum", "clip", "rsqrt", "sign", "norm", "sumsq", "dot", "max_abs", "mean", "rms",
     "fill_like", "scalar",
 ]
 
@@ -96,6 +96,12 @@ def sign(x: torch.Tensor) -> torch.Tensor:
 def norm(x: torch.Tensor) -> torch.Tensor:
     """L2 norm over all elements (0 for an empty tensor)."""
     return torch.linalg.vector_norm(x)
+
+
+def sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares over all elements (0 for an empty tensor): the partial
+    of ``norm`` and ``rms`` that shards add up (``layerwise.split``)."""
+    return torch.sum(x * x)
 
 
 def dot(x: torch.Tensor, y) -> torch.Tensor:

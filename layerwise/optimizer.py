@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .distributed import Combiner, is_dtensor, like, local, shard_group
 from .runtime import Runner, compute_dtype, flat, runner_for
 from .rules import rule_overrides
 from .spec import Spec, load
@@ -153,9 +154,10 @@ class Optimizer(torch.optim.Optimizer):
         if not work:
             return loss
         runner = self._runner
-        for item in work:
-            if not self.state[item["param"]]:
-                self._init_state(item)
+        groups = [item["group"] for item in work]
+        sharded = any(g is not None for g in groups)
+        combine = Combiner(groups) if sharded else None
+        self._init_states([item for item in work if not self.state[item["param"]]], sharded)
         # t of this step for each parameter, and the tensors of it shared by
         # every parameter with the same hyper values and step count
         t_now: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
@@ -163,24 +165,21 @@ class Optimizer(torch.optim.Optimizer):
             t = float(self.state[item["param"]]["step"]) + 1
             key = (id(item["hypers"]), t)
             if key not in t_now:
-                t_now[key] = (torch.tensor(t, dtype=item["dtype"], device=item["param"].device),
+                t_now[key] = (torch.tensor(t, dtype=item["dtype"], device=item["device"]),
                               item["hypers"])
             item["t_key"] = key
             item["args"] = self._args(item)
         globals_: list[torch.Tensor] = []
         if runner.reduce_fn is not None:
             consts = {k: runner.reduce_consts(t, hypers) for k, (t, hypers) in t_now.items()}
-            partials = [runner.reduce_fn(*item["args"], consts[item["t_key"]]) for item in work]
-            globals_ = runner.finish_globals(partials)
+            globals_ = runner.finish_globals(runner.reduce(
+                [item["args"] + (consts[item["t_key"]],) for item in work], combine))
         consts = {k: runner.update_consts(t, hypers, [x.to(t.dtype) for x in globals_])
                   for k, (t, hypers) in t_now.items()}
-        watched: dict[str, list[torch.Tensor]] = {n: [] for n in self.program.watches}
-        for item in work:
-            values = runner.update_fn(*item["args"], consts[item["t_key"]])
-            for n, v in zip(self.program.watches, values):
-                watched[n].append(v)
-        for n, vals in watched.items():
-            floats = torch.stack([v.to(torch.float64) for v in vals]).tolist()
+        outputs = runner.update([item["args"] + (consts[item["t_key"]],) for item in work],
+                                combine)
+        for i, n in enumerate(self.program.watches):
+            floats = torch.stack([values[i].to(torch.float64) for values in outputs]).tolist()
             record = self.watched.setdefault(n, {})
             for item, x in zip(work, floats):
                 record.setdefault(item["name"], []).append(x)
@@ -208,6 +207,13 @@ class Optimizer(torch.optim.Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"parameter {name} has shape {tuple(p.shape)} but its "
                                      f"gradient has shape {tuple(p.grad.shape)}")
+                pg = shard_group(p, name)
+                if is_dtensor(p) and (not is_dtensor(p.grad)
+                                      or p.grad.placements != p.placements
+                                      or local(p.grad).shape != local(p).shape):
+                    raise ValueError(f"parameter {name} is a DTensor with placements "
+                                     f"{p.placements} but its gradient is not sharded the "
+                                     "same way")
                 dtype = compute_dtype(p.dtype)
                 ov = self._overrides[gi][pi] if pi < len(self._overrides[gi]) else {}
                 values = tuple(float(ov.get(k, group[k])) for k in self.program.hyper_names)
@@ -215,21 +221,30 @@ class Optimizer(torch.optim.Optimizer):
                 if key not in hyper_tensors:
                     hyper_tensors[key] = [torch.tensor(v, dtype=dtype, device=p.device)
                                           for v in values]
-                work.append({"param": p, "name": name, "dtype": dtype,
-                             "hypers": hyper_tensors[key]})
+                work.append({"param": p, "name": name, "dtype": dtype, "device": p.device,
+                             "group": pg, "hypers": hyper_tensors[key]})
         return work
 
-    def _init_state(self, item: dict[str, Any]) -> None:
-        p, dtype = item["param"], item["dtype"]
-        state = self.state[p]
-        w = p.detach().reshape(-1).to(dtype)
-        inits = self._runner.init_states(w, self._numel(p, dtype), item["hypers"])
-        state["step"] = torch.zeros((), dtype=dtype, device=p.device)
-        for name, layer, value in zip(self._runner.lowered.state_names,
-                                      self._runner.lowered.layer_states, inits):
-            # clone both: two states with the same initial expression share
-            # one output tensor of the init graph (CSE), so they must not alias
-            state[name] = value.reshape(()).clone() if layer else value.reshape(p.shape).clone()
+    def _init_states(self, items: list[dict[str, Any]], sharded: bool) -> None:
+        """Create the state of parameters at their first step (``step`` = 0 and
+        the program's initial values; elem states laid out like the parameter)."""
+        if not items:
+            return
+        combine = Combiner([item["group"] for item in items]) if sharded else None
+        inits = self._runner.init_states(
+            [(local(item["param"]).detach().reshape(-1).to(item["dtype"]),
+              self._numel(item["param"], item["dtype"]), item["hypers"]) for item in items],
+            combine)
+        lowered = self._runner.lowered
+        for item, values in zip(items, inits):
+            p, dtype = item["param"], item["dtype"]
+            state = self.state[p]
+            state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+            for name, layer, value in zip(lowered.state_names, lowered.layer_states, values):
+                # clone both: two states with the same initial expression share
+                # one output tensor of the init graph (CSE), so they must not alias
+                state[name] = (value.reshape(()).clone() if layer else
+                               like(value.reshape(local(p).shape).clone(), p))
 
     def _numel(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``p``'s element count as a 0-d tensor of ``dtype`` (cached per parameter)."""
@@ -245,10 +260,11 @@ class Optimizer(torch.optim.Optimizer):
         p = item["param"]
         state = self.state[p]
         numel = self._numel(p, item["dtype"])
-        states = [state[n] if layer else flat(state[n])
+        states = [state[n] if layer else flat(local(state[n]))
                   for n, layer in zip(self._runner.lowered.state_names,
                                       self._runner.lowered.layer_states)]
-        return (flat(p.detach()), flat(p.grad.detach().contiguous()), state["step"], numel,
+        return (flat(local(p.detach())), flat(local(p.grad.detach()).contiguous()), state["step"],
+                numel,
                 item["hypers"], states)
 
     # ---------------------------------------------------------------- state_dict
@@ -258,11 +274,21 @@ class Optimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer`` casts loaded state to the parameter's dtype;
         for bfloat16/float16 parameters that would lose the float32 state,
         so state tensors are re-read from ``state_dict`` in the compute dtype.
-        The given ``state_dict`` is never modified or aliased.
+        The given ``state_dict`` is never modified or aliased. ``watched``
+        starts afresh: its history is not part of the state dict (and
+        ``torch.distributed.checkpoint``'s ``get_state_dict`` may run a step
+        with ``lr = 0`` on a fresh optimizer to create state before loading).
+
+        Raises:
+            ValueError: an elem state whose shape differs from its parameter's,
+                or a plain tensor for a DTensor parameter (or the reverse, or
+                other placements); nothing is changed then.
         """
-        super().load_state_dict(state_dict)
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [p for g in self.param_groups for p in g["params"]]
+        self._check_loaded(state_dict, saved, mine)
+        super().load_state_dict(state_dict)
+        self.watched = {n: {} for n in self.program.watches}
         for sid, p in zip(saved, mine):
             entry = state_dict["state"].get(sid)
             if entry is None:
@@ -272,3 +298,21 @@ class Optimizer(torch.optim.Optimizer):
                                  if isinstance(v, torch.Tensor) else v)
                              for k, v in entry.items()}
 
+    def _check_loaded(self, state_dict: dict[str, Any], saved: list, mine: list) -> None:
+        lowered = self._runner.lowered
+        for index, (sid, p) in enumerate(zip(saved, mine)):
+            entry = state_dict["state"].get(sid) or {}
+            for name, layer in zip(lowered.state_names, lowered.layer_states):
+                v = entry.get(name)
+                if layer or not isinstance(v, torch.Tensor):
+                    continue
+                where = f"state '{name}' of parameter {index}"
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"{where} has shape {tuple(v.shape)}, the parameter "
+                                     f"{tuple(p.shape)}")
+                if is_dtensor(p) != is_dtensor(v) or (
+                        is_dtensor(p) and tuple(v.placements) != tuple(p.placements)):
+                    raise ValueError(f"{where} is laid out as "
+                                     f"{getattr(v, 'placements', 'a plain tensor')}, the "
+                                     f"parameter as {getattr(p, 'placements', 'a plain tensor')}"
+                                     "; load sharded state with torch.distributed.checkpoint")

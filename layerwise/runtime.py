@@ -29,12 +29,13 @@ import torch
 
 from .check import CheckedProgram
 from .lower import Lowered, finish_globals, lower
-from .split import SplitUpdate, split_update
+from .split import SplitGraph, split_graph
 
-#: Parameters with more elements than this take the split passes when compiled.
+#: Parameters with more elements than this take the split passes when compiled
+#: (and not sharded: sharded parameters always do).
 SPLIT_ABOVE = 4096
 
-__all__ = ["Runner", "runner_for", "compute_dtype", "flat"]
+__all__ = ["Runner", "Passes", "runner_for", "compute_dtype", "flat"]
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -60,8 +61,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _make_update(lowered: Lowered, graph) -> Callable:
     """The update wrapper around ``graph`` (the fused update or the split final
-    pass, which also takes the reductions ``reds``): advance ``t``, run the
-    graph, write the new parameter and states back."""
+    pass, which also takes the reductions' partials ``reds``): advance ``t``,
+    run the graph, write the new parameter and states back."""
     slots = [lowered.state_names.index(s) for s in lowered.assigned_states]
 
     def update(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
@@ -93,64 +94,137 @@ def _make_pass(graph) -> Callable:
     return run_pass
 
 
+def _make_init(graph) -> Callable:
+    """The wrapper of an init graph or one of its split passes."""
+
+    def run_init(w: torch.Tensor, numel: torch.Tensor, hypers: Sequence[torch.Tensor],
+                 reds: Sequence[torch.Tensor] = ()):
+        return graph(w, numel, *hypers, *reds)
+
+    return run_init
+
+
 def _own_code(fn: Callable, name: str) -> Callable:
     """A copy of ``fn`` with a new code object, so dynamo caches it separately."""
     code = fn.__code__.replace(co_name=name)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+def _compiled(fn: Callable, name: str) -> Callable:
+    return torch.compile(_own_code(fn, name), dynamic=True, fullgraph=True)
+
+
+#: ``combine(partials, how)``: each item's partials of one level (a list per
+#: item, one 0-d tensor per reduction) -> the same, combined across shards;
+#: ``how[i]`` is ``"sum"`` or ``"max"`` for the i-th partial of every item.
+Combine = Callable[[list[list[torch.Tensor]], list[str]], list[list[torch.Tensor]]]
+
+
+class Passes:
+    """The callables of one split graph (``layerwise.split``), eager or compiled.
+
+    :meth:`run` runs them for several parameters ("items") at once, level by
+    level, so that a ``combine`` between levels can reduce every item's
+    partials of that level in one collective.
+    """
+
+    def __init__(self, split: SplitGraph, level_fn: Callable, final_fn: Callable):
+        self.levels = [(level_fn(lv.graph, k), lv) for k, lv in enumerate(split.levels, 1)]
+        self.final = final_fn(split.final)
+        self.combine = split.combine
+
+    def run(self, items: Sequence[tuple], combine: Combine | None = None) -> list:
+        """The final pass's outputs for each item; ``items`` are the wrappers'
+        positional arguments without ``reds``."""
+        reds: list[list] = [[None] * len(self.combine) for _ in items]
+        for fn, lv in self.levels:
+            partials = [list(fn(*args, [r[i] for i in lv.reads])) for args, r in zip(items, reds)]
+            if combine is not None:
+                partials = combine(partials, [self.combine[i] for i in lv.computes])
+            for r, values in zip(reds, partials):
+                for i, v in zip(lv.computes, values):
+                    r[i] = v
+        return [self.final(*args, r) for args, r in zip(items, reds)]
+
+
 class Runner:
     """Runs one lowered program's graphs over parameters, eagerly or compiled.
 
-    ``update_fn(param, grad, t, numel, hypers, states, consts)`` and
-    ``reduce_fn`` (same arguments) take 1-D aliases of parameter-shaped
-    tensors (or 0-d tensors) as described in ``layerwise.lower``; ``t`` is
-    the parameter's step count *before* this step, in the compute dtype,
-    and is advanced in place by ``update_fn``. ``consts`` come from
-    :meth:`update_consts` / :meth:`reduce_consts` for the step count of
-    this step (``t + 1``). The consts and init graphs always run eagerly:
-    they are a few scalar operations, run once per step per distinct
-    (hyper values, t), or once per parameter.
+    The per-parameter wrappers take ``(param, grad, t, numel, hypers, states,
+    consts)``: 1-D aliases of parameter-shaped tensors (or 0-d tensors) as
+    described in ``layerwise.lower``; ``t`` is the parameter's step count
+    *before* this step, in the compute dtype, and is advanced in place by
+    the update; ``numel`` is the whole parameter's element count (also when
+    the tensors are one shard of it). ``consts`` come from
+    :meth:`update_consts` / :meth:`reduce_consts` for the step count of this
+    step (``t + 1``). The consts graphs always run eagerly: they are a few
+    scalar operations, run once per step per distinct (hyper values, t).
+
+    ``combine`` (see :data:`Combine`): given, every graph with layer
+    reductions runs as split passes (``layerwise.split``) and the partials
+    of each level go through ``combine`` (``layerwise.distributed``);
+    None, one parameter's reductions are its own.
     """
 
     def __init__(self, lowered: Lowered, compile: bool):
         self.lowered = lowered
-        self.update_fn = _make_update(lowered, lowered.update)
-        self.reduce_fn = _make_pass(lowered.reduce) if lowered.reduce is not None else None
-        self._split: SplitUpdate | None = None
-        if compile:
-            name = lowered.program.name
-            self.fused_fn = torch.compile(_own_code(self.update_fn, f"{name}_update_step"),
-                                          dynamic=True, fullgraph=True)
-            self.update_fn = self.fused_fn
-            self._split = split_update(lowered.update)
-            if self._split is not None:
-                self._levels = [torch.compile(_own_code(_make_pass(lv.graph), f"{name}_level{k}"),
-                                              dynamic=True, fullgraph=True)
-                                for k, lv in enumerate(self._split.levels, 1)]
-                self._final = torch.compile(
-                    _own_code(_make_update(lowered, self._split.final), f"{name}_final"),
-                    dynamic=True, fullgraph=True)
-                self.update_fn = self._update_any
-            if self.reduce_fn is not None:
-                self.reduce_fn = torch.compile(_own_code(self.reduce_fn, f"{name}_reduce_step"),
-                                               dynamic=True, fullgraph=True)
+        self.compiled = compile
+        name = lowered.program.name
+        update = _make_update(lowered, lowered.update)
+        self.update_fn = _compiled(update, f"{name}_update_step") if compile else update
+        self.reduce_fn = None
+        if lowered.reduce is not None:
+            reduce = _make_pass(lowered.reduce)
+            self.reduce_fn = _compiled(reduce, f"{name}_reduce_step") if compile else reduce
 
-    def _update_any(self, param, grad, t, numel, hypers, states, consts):
-        """Compiled update: fused for small parameters, split passes above SPLIT_ABOVE."""
-        if param.numel() <= SPLIT_ABOVE:
-            return self.fused_fn(param, grad, t, numel, hypers, states, consts)
-        reds: list = [None] * self._split.count
-        for fn, lv in zip(self._levels, self._split.levels):
-            values = fn(param, grad, t, numel, hypers, states, consts, [reds[i] for i in lv.reads])
-            for i, v in zip(lv.computes, values):
-                reds[i] = v
-        return self._final(param, grad, t, numel, hypers, states, consts, reds)
+        def passes(split, make_level, make_final, title, compile_it):
+            if split is None:
+                return None
+            if not compile_it:
+                return Passes(split, lambda g, k: make_level(g), make_final)
+            return Passes(split, lambda g, k: _compiled(make_level(g), f"{name}_{title}_level{k}"),
+                          lambda g: _compiled(make_final(g), f"{name}_{title}_final"))
 
-    def init_states(self, w: torch.Tensor, numel: torch.Tensor,
-                    hypers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Initial state values for one parameter (run once, eagerly)."""
-        return list(self.lowered.init(w, numel, *hypers))
+        self.update_passes = passes(split_graph(lowered.update), _make_pass,
+                                    lambda g: _make_update(lowered, g), "update", compile)
+        self.reduce_passes = None if lowered.reduce is None else passes(
+            split_graph(lowered.reduce, skip_outputs=True), _make_pass, _make_pass, "reduce",
+            compile)
+        self.init_passes = passes(split_graph(lowered.init), _make_init, _make_init, "init",
+                                  False)
+
+    def update(self, items: Sequence[tuple], combine: Combine | None = None) -> list:
+        """Run the update of every item ``(param, grad, t, numel, hypers, states,
+        consts)``; returns each item's watched values.
+
+        Compiled and not combined, parameters above :data:`SPLIT_ABOVE`
+        elements take the split passes, the others the fused step.
+        """
+        if self.update_passes is None:
+            return [self.update_fn(*args) for args in items]
+        if combine is not None:
+            return self.update_passes.run(items, combine)
+        if not self.compiled:
+            return [self.update_fn(*args) for args in items]
+        return [self.update_fn(*args) if args[0].numel() <= SPLIT_ABOVE
+                else self.update_passes.run([args])[0] for args in items]
+
+    def reduce(self, items: Sequence[tuple], combine: Combine | None = None) -> list:
+        """Each item's partials of the global reductions (arguments as :meth:`update`)."""
+        if combine is None or self.reduce_passes is None:
+            partials = [self.reduce_fn(*args) for args in items]
+        else:
+            partials = self.reduce_passes.run(items, combine)
+        if combine is not None:
+            partials = combine([list(p) for p in partials], ["sum"] * len(self.lowered.globals))
+        return partials
+
+    def init_states(self, items: Sequence[tuple],
+                    combine: Combine | None = None) -> list[list[torch.Tensor]]:
+        """Initial state values for each item ``(w, numel, hypers)`` (run once, eagerly)."""
+        if combine is None or self.init_passes is None:
+            return [list(self.lowered.init(w, numel, *hypers)) for w, numel, hypers in items]
+        return [list(out) for out in self.init_passes.run(items, combine)]
 
     def update_consts(self, t: torch.Tensor, hypers: Sequence[torch.Tensor],
                       globals_: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

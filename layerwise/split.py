@@ -1,25 +1,43 @@
-"""Update graph -> passes split at its layer reductions (for large parameters).
+"""Per-parameter graph -> passes split at its layer reductions.
 
-The fused ``update`` graph (``layerwise.lower``) is one kernel after
-compilation, but inductor keeps every elem value that a layer reduction
-reads *and* the update needs later (``u`` in LAMB) in a parameter-sized
-temporary that it allocates on every call. For large parameters this costs
-more than reading the inputs again (docs/design-runtime.md, "Performance
-status"). :func:`split_update` derives, by graph surgery on the same graph:
+Two runtime paths need a per-parameter graph (``layerwise.lower``) cut at
+its layer reductions (``norm``, ``sum``, ``mean``, ``rms``, ``dot``,
+``max_abs``):
 
-``level k`` (k = 1..D) ``(w, g, t, numel, *hypers, *states, *consts,
-           *values of the reductions of levels < k) -> (*reductions of level k)``
-``final``  ``(w, g, t, numel, *hypers, *states, *consts, *all reductions)
-           -> the update graph's outputs``
+* large parameters, compiled: the fused ``update`` graph is one kernel,
+  but inductor keeps every elem value that a layer reduction reads *and*
+  the update needs later (``u`` in LAMB) in a parameter-sized temporary
+  allocated on every call. Recomputing it costs less
+  (docs/design-runtime.md, "Performance status");
+* sharded parameters (FSDP2, ``layerwise.distributed``): a rank holds one
+  shard, so a reduction must be combined across ranks before anything
+  that depends on it runs.
+
+:func:`split_graph` derives, by graph surgery on the same graph:
+
+``level k`` (k = 1..D) ``(*inputs, *partials of the reductions of levels
+           < k) -> (*partials of the reductions of level k)``
+``final``  ``(*inputs, *partials of all reductions) -> the graph's outputs``
 
 A reduction's level is 1 + the highest level among the reductions its
-argument depends on. Each pass recomputes the elementwise values it needs
-from the inputs, so no elem temporary survives between passes; nothing is
-written before the final pass, so a pass may read every input as it was.
-The arithmetic is the same nodes as the fused graph, copied.
+argument depends on. A level pass returns each reduction as a *partial*
+that is combined across shards by a sum or a max (:data:`COMBINE`): the
+sum of squares for ``norm`` and ``rms``, the sum for ``sum``, ``mean`` and
+``dot``, the largest absolute value for ``max_abs``. The passes that take
+partials finish them inside the graph (``sqrt``, ``/ numel``; ``numel``
+is the whole parameter's element count), so one parameter's passes, run
+one after the other with nothing combined in between, compute exactly the
+reductions of the fused graph. Each pass recomputes the elementwise values
+it needs from the inputs, so no elem temporary survives between passes;
+nothing is written before the final pass, so a pass may read every input
+as it was. The arithmetic is the same nodes as the fused graph, copied.
+
+Shapes and dtypes: as the graph split (``layerwise.lower``); every
+partial is a 0-d tensor of the compute dtype.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +45,17 @@ import torch.fx as fx
 
 from . import ops
 
-__all__ = ["Level", "SplitUpdate", "split_update", "REDUCTIONS"]
+__all__ = ["Level", "SplitGraph", "split_graph", "REDUCTIONS", "COMBINE"]
 
 #: Call targets that reduce over one parameter's elements (layer reductions).
 REDUCTIONS = frozenset({ops.norm, torch.sum, ops.mean, ops.rms, ops.max_abs, ops.dot})
+
+#: How the partials of each reduction combine across shards.
+COMBINE = {ops.norm: "sum", torch.sum: "sum", ops.mean: "sum", ops.rms: "sum",
+           ops.dot: "sum", ops.max_abs: "max"}
+
+#: The partial a level pass returns in place of each reduction.
+_PARTIAL = {ops.norm: ops.sumsq, ops.rms: ops.sumsq, ops.mean: torch.sum}
 
 
 @dataclass
@@ -42,28 +67,47 @@ class Level:
 
 
 @dataclass
-class SplitUpdate:
-    """The level passes in order and the final graph; ``count`` reductions in all."""
+class SplitGraph:
+    """The level passes in order, the final graph, and how each of the
+    ``len(combine)`` reductions' partials combine (``"sum"`` or ``"max"``)."""
     levels: list[Level]
     final: fx.GraphModule
-    count: int
+    combine: list[str]
+
+    @property
+    def count(self) -> int:
+        """Number of layer reductions."""
+        return len(self.combine)
 
 
-def _levels(graph: fx.Graph) -> dict[fx.Node, int]:
-    """Level of every reduction node (0 for nodes that depend on none)."""
+def _levels(graph: fx.Graph, skip: set[fx.Node]) -> dict[fx.Node, int]:
+    """Level of every reduction node not in ``skip`` (0 for nodes that depend on none)."""
     level: dict[fx.Node, int] = {}
     for node in graph.nodes:
         below = max((level.get(a, 0) for a in node.all_input_nodes), default=0)
-        level[node] = below + 1 if node.op == "call_function" and node.target in REDUCTIONS \
-            else below
+        split = node.op == "call_function" and node.target in REDUCTIONS and node not in skip
+        level[node] = below + 1 if split else below
     return {n: lv for n, lv in level.items()
-            if n.op == "call_function" and n.target in REDUCTIONS}
+            if n.op == "call_function" and n.target in REDUCTIONS and n not in skip}
+
+
+def _finish(new: fx.Graph, node: fx.Node, partial: fx.Node, env) -> fx.Node:
+    """Nodes in ``new`` turning the placeholder ``partial`` into ``node``'s value."""
+    if node.target is ops.norm:
+        return new.call_function(torch.sqrt, (partial,))
+    if node.target is ops.mean:
+        return new.call_function(operator.truediv, (partial, env[node.args[1]]))
+    if node.target is ops.rms:
+        ratio = new.call_function(operator.truediv, (partial, env[node.args[1]]))
+        return new.call_function(torch.sqrt, (ratio,))
+    return partial
 
 
 def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | None,
             name: str) -> fx.GraphModule:
-    """A copy of ``graph`` where ``as_input`` nodes become placeholders r0, r1, ...
-    (in that order) and the outputs are ``outputs`` (None: the original ones)."""
+    """A copy of ``graph`` where ``as_input`` reductions become placeholders r0,
+    r1, ... (in that order) holding their partials, and the outputs are the
+    partials of ``outputs`` (None: the graph's own outputs)."""
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     last = None
@@ -71,15 +115,22 @@ def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | N
         if node.op == "placeholder":
             env[node] = last = new.placeholder(node.name)
             env[node].meta.update(node.meta)
-    for i, node in enumerate(as_input):
+    partials = []
+    for i in range(len(as_input)):
         with new.inserting_after(last):
-            env[node] = last = new.placeholder(f"r{i}")
+            last = new.placeholder(f"r{i}")
+            partials.append(last)
+    for node, partial in zip(as_input, partials):
+        env[node] = _finish(new, node, partial, env)
+    wanted = set(outputs or ())
     for node in graph.nodes:
         if node.op == "placeholder" or node in env:
             continue
         if node.op == "output":
             result = node.args[0] if outputs is None else tuple(outputs)
             new.output(fx.node.map_arg(result, lambda n: env[n]))
+        elif node in wanted and node.target in _PARTIAL:
+            env[node] = new.call_function(_PARTIAL[node.target], (env[node.args[0]],))
         else:
             env[node] = new.node_copy(node, lambda n: env[n])
     new.eliminate_dead_code()
@@ -87,19 +138,27 @@ def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | N
     return fx.GraphModule(torch.nn.Module(), new, class_name=name)
 
 
-def split_update(update: fx.GraphModule) -> SplitUpdate | None:
-    """The split passes of ``update``, or None if it has no layer reduction."""
-    levels = _levels(update.graph)
+def split_graph(gm: fx.GraphModule, skip_outputs: bool = False) -> SplitGraph | None:
+    """The split passes of the per-parameter graph ``gm``, or None if it has
+    no layer reduction to split at.
+
+    ``skip_outputs``: reductions that are themselves outputs of ``gm`` are
+    not split points (the ``reduce`` graph's outputs are partials of global
+    reductions, which the runtime combines).
+    """
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    skip = set(out_node.all_input_nodes) if skip_outputs else set()
+    levels = _levels(gm.graph, skip)
     if not levels:
         return None
     order = list(levels)  # graph order: the index of each reduction input r<i>
     depth = max(levels.values())
+    base = gm.__class__.__name__
     passes = []
     for k in range(1, depth + 1):
         below = [n for n in order if levels[n] < k]
         here = [n for n in order if levels[n] == k]
-        gm = _derive(update.graph, below, here, f"{update.__class__.__name__}_level{k}")
-        passes.append(Level(gm, [order.index(n) for n in below],
-                            [order.index(n) for n in here]))
-    final = _derive(update.graph, order, None, f"{update.__class__.__name__}_final")
-    return SplitUpdate(passes, final, len(order))
+        passes.append(Level(_derive(gm.graph, below, here, f"{base}_level{k}"),
+                            [order.index(n) for n in below], [order.index(n) for n in here]))
+    final = _derive(gm.graph, order, None, f"{base}_final")
+    return SplitGraph(passes, final, [COMBINE[n.target] for n in order])
