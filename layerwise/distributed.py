@@ -60,7 +60,8 @@ def shard_group(p: torch.Tensor, where: str):
         if placement.is_shard():
             dims.append(i)
         elif not placement.is_replicate():
-            raise ValueError(f"parameter {where} has placement {placement}; layerwise "
+            raise ValueError(f"parameter {where} has placement {type(placement).__name__} "
+                             f"({placement}); layerwise "
                              "optimizers support Shard and Replicate placements")
     if len(dims) > 1:
         raise ValueError(f"parameter {where} is sharded over {len(dims)} mesh dimensions "

@@ -93,3 +93,20 @@ def test_checkpoint_resumes_identically(runs):
     for n, values in straight["watched"]["tr"].items():
         assert resumed["watched"]["tr"][n] == values[worker.CHECKPOINT_AT:], n
         assert len(resumed["watched"]["tr"][n]) == rest
+
+
+def test_fsdp2_example_runs_and_resumes(tmp_path):
+    """examples/fsdp2_lamb.py as the README runs it (2 processes), then resumed."""
+    example = Path(__file__).parents[1] / "examples" / "fsdp2_lamb.py"
+    ckpt = tmp_path / "ckpt"
+    runs = [[], ["--resume"]]
+    outputs = []
+    for epochs, extra in zip((1, 2), runs):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", str(example), "--epochs", str(epochs), "--checkpoint", str(ckpt), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-6000:]
+        outputs.append(done.stdout)
+    assert "epoch  1  val accuracy" in outputs[0] and "epoch  2" not in outputs[0]
+    assert "epoch  2  val accuracy" in outputs[1] and "epoch  1" not in outputs[1]
+    assert "conv1.weight" in outputs[1] and "trust ratio" in outputs[1]
