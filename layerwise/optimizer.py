@@ -38,6 +38,10 @@ class Optimizer(torch.optim.Optimizer):
         params: an iterable of tensors, of ``(name, tensor)`` pairs (e.g.
             ``model.named_parameters()``), or of param-group dicts. Tensors
             must be float32, float64, bfloat16 or float16, dense and real.
+            DTensor parameters sharded by FSDP2 (``fully_shard``) are
+            updated shard by shard, with every layer and global reduction
+            taken over the whole parameter (one collective per reduction
+            phase; ``layerwise.distributed``); DDP needs nothing special.
         spec: a :class:`layerwise.Spec`, a preset name (``"lamb"``) or a
             path to a ``.lw`` file.
         compile: run the step through ``torch.compile`` (default) or
@@ -47,7 +51,8 @@ class Optimizer(torch.optim.Optimizer):
     State per parameter: ``step`` (``t``, a 0-d tensor) and one tensor per
     program ``state``: shaped like the parameter (elem) or 0-d (layer), in
     float32 for bfloat16/float16 parameters, otherwise in the parameter's
-    dtype. After each step ``watched[name][param_name]`` has one more float
+    dtype; elem states of DTensor parameters are DTensors laid out like
+    them. After each step ``watched[name][param_name]`` has one more float
     per watched name and parameter updated.
 
     Raises:
@@ -143,8 +148,10 @@ class Optimizer(torch.optim.Optimizer):
         they were.
 
         Raises:
-            ValueError: a group's hyper value outside its range, or a sparse
-                or mismatched gradient.
+            ValueError: a group's hyper value outside its range, a sparse
+                or mismatched gradient (for a DTensor parameter: one not
+                sharded like it), or a DTensor parameter with a layout
+                other than Shard over one mesh dimension / Replicate.
         """
         loss = None
         if closure is not None:

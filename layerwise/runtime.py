@@ -19,6 +19,10 @@ through ``torch.compile``. Design choices (measured; see
   optimizer built from it. Each program's wrapper gets its own code
   object (:func:`_own_code`): dynamo keeps its compiled graphs per code
   object, so programs never share (and exhaust) one recompile budget.
+* Graphs with layer reductions also run as split passes
+  (``layerwise.split``, :class:`Passes`): compiled, for parameters above
+  :data:`SPLIT_ABOVE` elements; always, for sharded parameters, whose
+  partial reductions are combined across ranks between the passes.
 """
 from __future__ import annotations
 
