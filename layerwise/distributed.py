@@ -18,6 +18,7 @@ no collective at all.
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -26,17 +27,14 @@ import torch.distributed as dist
 __all__ = ["Combiner", "local", "shard_group", "like"]
 
 
-def _dtensor_type():
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-    return DTensor
-
-
 def is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``.
+
+    Importing ``torch.distributed.tensor`` takes about a second, so it is
+    not imported here: a DTensor can only exist once it has been.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
