@@ -48,7 +48,7 @@ from . import ops
 from .check import CheckedProgram
 from .syntax import Binary, Call, Expr, Name, Num, Unary, children
 
-__all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals"]
+__all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals", "fresh_name"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,16 @@ _CMP = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equ
         "==": np.equal, "!=": np.not_equal}
 
 
+def fresh_name(name: str, taken: set[str]) -> str:
+    """``name``, with ``_`` prepended until it is not in ``taken`` (which it then
+    joins): a placeholder name that no program name (a hyper called ``c0``)
+    can clash with."""
+    while name in taken:
+        name = "_" + name
+    taken.add(name)
+    return name
+
+
 def _fold(fn, *args: float) -> float:
     with np.errstate(all="ignore"):
         return float(fn(*(np.float64(a) for a in args)))
@@ -134,6 +144,7 @@ class _Builder:
         self.global_nodes: dict[GlobalReduction, fx.Node] = {}
         self.hoist = hoist
         self.hoisted: list[fx.Node] = []    # consts-graph values, one per placeholder c<i>
+        self.const_nodes: list[fx.Node] = []  # those placeholders
 
     def call(self, fn, *args):
         return self.graph.call_function(fn, args)
@@ -159,14 +170,14 @@ class _Builder:
     def const_input(self, hoisted: fx.Node, kind: str) -> fx.Node:
         """The placeholder through which the consts graph's ``hoisted`` enters."""
         if hoisted in self.hoisted:
-            return self.env[f"c{self.hoisted.index(hoisted)}"]
-        name = f"c{len(self.hoisted)}"
+            return self.const_nodes[self.hoisted.index(hoisted)]
+        name = fresh_name(f"c{len(self.hoisted)}", {p.target for p in self.placeholders})
         with self.graph.inserting_after(self.last_placeholder):
             node = self.graph.placeholder(name)
         node.meta["kind"] = kind
         self.last_placeholder = node
         self.placeholders.add(node)
-        self.env[name] = node
+        self.const_nodes.append(node)
         self.hoisted.append(hoisted)
         return node
 
@@ -341,9 +352,11 @@ def lower(program: CheckedProgram) -> Lowered:
         reduce = b.finish(outs, f"{program.name}_reduce")
         reduce_consts = hoist.finish(b.hoisted, f"{program.name}_reduce_consts")
 
-    hoist = _Builder(["t", *hypers, *(f"global_{i}" for i in range(len(globals_)))])
-    for i, gr in enumerate(globals_):
-        hoist.global_nodes[gr] = _mark(hoist.env[f"global_{i}"], "global")
+    taken = {"t", *hypers}
+    global_names = [fresh_name(f"global_{i}", taken) for i in range(len(globals_))]
+    hoist = _Builder(["t", *hypers, *global_names])
+    for name, gr in zip(global_names, globals_):
+        hoist.global_nodes[gr] = _mark(hoist.env[name], "global")
     b = _Builder(step_inputs, hoist)
     _mark_inputs(b, kinds)
     assigned: list[str] = []

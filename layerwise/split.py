@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
+from .lower import fresh_name
 
 __all__ = ["Level", "SplitGraph", "split_graph", "REDUCTIONS", "COMBINE"]
 
@@ -116,9 +117,10 @@ def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | N
             env[node] = last = new.placeholder(node.name)
             env[node].meta.update(node.meta)
     partials = []
+    taken = {n.target for n in new.nodes}
     for i in range(len(as_input)):
         with new.inserting_after(last):
-            last = new.placeholder(f"r{i}")
+            last = new.placeholder(fresh_name(f"r{i}", taken))
             partials.append(last)
     for node, partial in zip(as_input, partials):
         env[node] = _finish(new, node, partial, env)
@@ -162,3 +164,4 @@ def split_graph(gm: fx.GraphModule, skip_outputs: bool = False) -> SplitGraph | 
                             [order.index(n) for n in below], [order.index(n) for n in here]))
     final = _derive(gm.graph, order, None, f"{base}_final")
     return SplitGraph(passes, final, [COMBINE[n.target] for n in order])
+
