@@ -23,6 +23,11 @@ through ``torch.compile``. Design choices (measured; see
   (``layerwise.split``, :class:`Passes`): compiled, for parameters above
   :data:`SPLIT_ABOVE` elements; always, for sharded parameters, whose
   partial reductions are combined across ranks between the passes.
+  Where it moves fewer bytes (``layerwise.split.materialize``; LAMB), the
+  compiled large-parameter path keeps the elem values the final pass needs
+  (LAMB's ``u``) in a scratch buffer instead of recomputing them: one
+  buffer per (program, dtype, device), as large as the largest parameter
+  times the number of kept values, reused by every parameter and step.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import torch
 
 from .check import CheckedProgram
 from .lower import Lowered, finish_globals, lower
-from .split import SplitGraph, split_graph
+from .split import Materialized, SplitGraph, materialize, split_graph
 
 #: Parameters with more elements than this take the split passes when compiled
 #: (and not sharded: sharded parameters always do).
@@ -42,15 +47,17 @@ SPLIT_ABOVE = 4096
 __all__ = ["Runner", "Passes", "runner_for", "compute_dtype", "flat"]
 
 
-def flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D tensor aliasing ``t``'s elements that is not a view (no ``_base``).
+def flat(t: torch.Tensor, offset: int = 0, numel: int | None = None) -> torch.Tensor:
+    """A 1-D tensor aliasing ``t``'s elements that is not a view (no ``_base``):
+    all of them, or ``numel`` from element ``offset`` on.
 
     dynamo guards on a view's base: passing ``t.view(-1)`` would compile one
     graph per parameter rank. ``t`` must be contiguous; a 0-d tensor gives
     shape ``(1,)``.
     """
     out = t.new_empty(0)
-    out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+    n = t.numel() if numel is None else numel
+    out.set_(t.untyped_storage(), t.storage_offset() + offset, (n,), (1,))
     return out
 
 
@@ -63,19 +70,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _make_update(lowered: Lowered, graph) -> Callable:
-    """The update wrapper around ``graph`` (the fused update or the split final
-    pass, which also takes the reductions' partials ``reds``): advance ``t``,
-    run the graph, write the new parameter and states back."""
-    slots = [lowered.state_names.index(s) for s in lowered.assigned_states]
+def _make_update(lowered: Lowered, graph, assigned: Sequence[str] | None = None) -> Callable:
+    """The update wrapper around ``graph`` (the fused update or a split final
+    pass, which also takes the reductions' partials ``reds`` and maybe
+    ``scratch`` values): advance ``t``, run the graph, write the new
+    parameter and the ``assigned`` states (default: all the program
+    assigns) back."""
+    assigned = lowered.assigned_states if assigned is None else assigned
+    slots = [lowered.state_names.index(s) for s in assigned]
 
     def update(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor, numel: torch.Tensor,
                hypers: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
-               consts: Sequence[torch.Tensor], reds: Sequence[torch.Tensor] = ()):
+               consts: Sequence[torch.Tensor], reds: Sequence[torch.Tensor] = (),
+               scratch: Sequence[torch.Tensor] = ()):
         t.add_(1)
         w = param.to(t.dtype)
         g = grad.to(t.dtype)
-        outs = graph(w, g, t, numel, *hypers, *states, *consts, *reds)
+        outs = graph(w, g, t, numel, *hypers, *states, *consts, *scratch, *reds)
         param.copy_(outs[0])
         for j, i in enumerate(slots):
             states[i].copy_(outs[1 + j])
@@ -96,6 +107,29 @@ def _make_pass(graph) -> Callable:
                      *consts, *reds)
 
     return run_pass
+
+
+def _make_keep_level(lowered: Lowered, keep: Materialized) -> Callable:
+    """The wrapper of a :class:`~layerwise.split.Materialized` level pass: runs
+    at ``t + 1``, writes the early states and the ``scratch`` buffers, and
+    returns the partials."""
+    slots = [lowered.state_names.index(s) for s in keep.early]
+    count = len(keep.combine)
+    graph = keep.level
+
+    def keep_level(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor,
+                   numel: torch.Tensor, hypers: Sequence[torch.Tensor],
+                   states: Sequence[torch.Tensor], consts: Sequence[torch.Tensor],
+                   scratch: Sequence[torch.Tensor]):
+        outs = graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states,
+                     *consts)
+        for j, i in enumerate(slots):
+            states[i].copy_(outs[count + j])
+        for j, buf in enumerate(scratch):
+            buf.copy_(outs[count + len(slots) + j])
+        return outs[:count]
+
+    return keep_level
 
 
 def _make_init(graph) -> Callable:
@@ -196,6 +230,31 @@ class Runner:
             compile)
         self.init_passes = passes(split_graph(lowered.init), _make_init, _make_init, "init",
                                   False)
+        self._keep = None
+        if compile and self.update_passes is not None:
+            elem = {"w", "g", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
+                                if not layer)}
+            self._keep = materialize(lowered.update, elem, list(lowered.assigned_states))
+        if self._keep is not None:
+            self._keep_level = _compiled(_make_keep_level(lowered, self._keep),
+                                         f"{name}_keep_level")
+            self._keep_final = _compiled(_make_update(lowered, self._keep.final, self._keep.late),
+                                         f"{name}_keep_final")
+            self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def _split_step(self, args: tuple):
+        """The split update of one large parameter (compiled, not combined)."""
+        if self._keep is None:
+            return self.update_passes.run([args])[0]
+        param, t = args[0], args[2]
+        n, k = param.numel(), self._keep.scratch
+        key = (t.dtype, param.device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n * k:
+            buf = self._scratch[key] = torch.empty(n * k, dtype=t.dtype, device=param.device)
+        scratch = [flat(buf, i * n, n) for i in range(k)]
+        reds = self._keep_level(*args, scratch)
+        return self._keep_final(*args, reds, scratch)
 
     def update(self, items: Sequence[tuple], combine: Combine | None = None) -> list:
         """Run the update of every item ``(param, grad, t, numel, hypers, states,
@@ -211,7 +270,7 @@ class Runner:
         if not self.compiled:
             return [self.update_fn(*args) for args in items]
         return [self.update_fn(*args) if args[0].numel() <= SPLIT_ABOVE
-                else self.update_passes.run([args])[0] for args in items]
+                else self._split_step(args) for args in items]
 
     def reduce(self, items: Sequence[tuple], combine: Combine | None = None) -> list:
         """Each item's partials of the global reductions (arguments as :meth:`update`)."""

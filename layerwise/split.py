@@ -165,3 +165,129 @@ def split_graph(gm: fx.GraphModule, skip_outputs: bool = False) -> SplitGraph | 
     final = _derive(gm.graph, order, None, f"{base}_final")
     return SplitGraph(passes, final, [COMBINE[n.target] for n in order])
 
+
+@dataclass
+class Materialized:
+    """A one-level split of an update graph that keeps elem values instead of
+    recomputing them (see :func:`materialize`).
+
+    ``level``: ``(*inputs) -> (*partials, *new values of the early states,
+    *scratch values)``; ``final``: ``(*inputs, *scratch values, *partials)
+    -> (new w, *new values of the late states, *watched)``. ``early`` and
+    ``late`` are state names in the update graph's output order;
+    ``scratch`` is the number of parameter-sized scratch values.
+    """
+    level: fx.GraphModule
+    final: fx.GraphModule
+    combine: list[str]
+    early: list[str]
+    late: list[str]
+    scratch: int
+
+
+def _elem_nodes(gm: fx.GraphModule, elem_inputs: set[str]) -> set[fx.Node]:
+    """Nodes of ``gm`` whose value is parameter-shaped (found by running the
+    graph once on 3-element stand-ins; every other input is 0-d)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    args = [torch.ones(3, dtype=torch.float64) if n.name in elem_inputs
+            else torch.ones((), dtype=torch.float64)
+            for n in gm.graph.nodes if n.op == "placeholder"]
+    ShapeProp(gm).propagate(*args)
+    return {n for n in gm.graph.nodes if n.op != "output"
+            and tuple(getattr(n.meta.get("tensor_meta"), "shape", ())) == (3,)}
+
+
+def _elem_reads(gm: fx.GraphModule, elem_inputs: set[str]) -> int:
+    return sum(1 for n in gm.graph.nodes
+               if n.op == "placeholder" and n.name in elem_inputs and n.users)
+
+
+def materialize(gm: fx.GraphModule, elem_inputs: set[str],
+                assigned: list[str]) -> Materialized | None:
+    """A split of the update graph ``gm`` whose level pass writes the elem
+    values the final pass needs (into scratch buffers, or straight into the
+    states they are the new values of), when that moves fewer bytes than
+    :func:`split_graph`'s recomputation; None otherwise, or if the graph has
+    no or more than one level of layer reductions.
+
+    ``elem_inputs``: names of the parameter-shaped placeholders (``w``,
+    ``g``, elem states); ``assigned``: the states whose new values are
+    ``gm``'s outputs 1, 2, ... in order.
+
+    Cost model, in parameter-sized arrays read or written per step (LAMB:
+    recomputing reads w, g, m, v twice and writes w, m, v: 11; keeping
+    ``u`` writes m, v and ``u`` in the level pass and then reads w and
+    ``u``: 10. LARS keeps recomputing: 7 against 8).
+    """
+    levels = _levels(gm.graph, set())
+    if not levels or max(levels.values()) != 1:
+        return None
+    elem = _elem_nodes(gm, elem_inputs)
+    reductions = list(levels)
+    later: set[fx.Node] = set()             # reductions and everything after them
+    for node in gm.graph.nodes:
+        if node in levels or any(a in later for a in node.all_input_nodes):
+            later.add(node)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(out_node.args[0])
+    state_out = dict(zip(assigned, outs[1:1 + len(assigned)]))
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    used_later = {a for n in later if n.op != "output" for a in n.all_input_nodes}
+    early = [s for s, v in state_out.items()
+             if s in elem_inputs and v not in later and placeholders[s] not in used_later
+             and v.op != "placeholder"]
+    late = [s for s in assigned if s not in early]
+    final_outs = [outs[0], *(state_out[s] for s in late), *outs[1 + len(assigned):]]
+    frontier = [n for n in gm.graph.nodes if n in elem and n not in later
+                and n.op != "placeholder" and (n in used_later or n in final_outs)]
+    by_state = {state_out[s]: placeholders[s] for s in early}
+    scratch = [n for n in frontier if n not in by_state]
+
+    level = _derive(gm.graph, [], reductions + [state_out[s] for s in early] + scratch,
+                    f"{gm.__class__.__name__}_keep_level")
+    final = _derive_final(gm, reductions, scratch, by_state, final_outs)
+    plain = split_graph(gm)
+    recompute = (_elem_reads(plain.levels[0].graph, elem_inputs)
+                 + _elem_reads(plain.final, elem_inputs) + 1
+                 + sum(1 for s in assigned if s in elem_inputs))
+    kept = (_elem_reads(level, elem_inputs) + len(early) + 2 * len(scratch)
+            + _elem_reads(final, elem_inputs) + 1 + sum(1 for s in late if s in elem_inputs))
+    if kept >= recompute:
+        return None
+    return Materialized(level, final, [COMBINE[n.target] for n in reductions], early, late,
+                        len(scratch))
+
+
+def _derive_final(gm: fx.GraphModule, reductions: list[fx.Node], scratch: list[fx.Node],
+                  by_state: dict[fx.Node, fx.Node], outputs: list) -> fx.GraphModule:
+    """The final pass of :func:`materialize`: inputs, then s0, s1, ... (scratch
+    values), then r0, r1, ... (partials); ``by_state`` values are read from
+    their (already written) state placeholders."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    last = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = last = new.placeholder(node.name)
+    extra = []
+    taken = {n.target for n in new.nodes}
+    for name in [f"s{i}" for i in range(len(scratch))] + [f"r{i}" for i in range(len(reductions))]:
+        with new.inserting_after(last):
+            last = new.placeholder(fresh_name(name, taken))
+            extra.append(last)
+    for node, ph in zip(scratch, extra):
+        env[node] = ph
+    for node, ph in zip(reductions, extra[len(scratch):]):
+        env[node] = _finish(new, node, ph, env)
+    for value, state in by_state.items():
+        env[value] = env[state]
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or node in env:
+            continue
+        if node.op == "output":
+            new.output(fx.node.map_arg(tuple(outputs), lambda n: env[n]))
+        else:
+            env[node] = new.node_copy(node, lambda n: env[n])
+    new.eliminate_dead_code()
+    new.lint()
+    return fx.GraphModule(torch.nn.Module(), new, class_name=f"{gm.__class__.__name__}_keep_final")
