@@ -247,11 +247,16 @@ class Optimizer(torch.optim.Optimizer):
             p, dtype = item["param"], item["dtype"]
             state = self.state[p]
             state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+            seen: set[int] = set()
             for name, layer, value in zip(lowered.state_names, lowered.layer_states, values):
-                # clone both: two states with the same initial expression share
-                # one output tensor of the init graph (CSE), so they must not alias
-                state[name] = (value.reshape(()).clone() if layer else
-                               like(value.reshape(local(p).shape).clone(), p))
+                # two states with the same initial expression share one output
+                # tensor of the init graph (CSE): copy it for the second, so they
+                # never alias (the outputs never alias w or the hypers)
+                if id(value) in seen:
+                    value = value.clone()
+                seen.add(id(value))
+                state[name] = (value.reshape(()) if layer else
+                               like(value.reshape(local(p).shape), p))
 
     def _numel(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``p``'s element count as a 0-d tensor of ``dtype`` (cached per parameter)."""
