@@ -23,9 +23,9 @@ layers larger than the cache.
 
 Also measured: the cold and warm (inductor cache) compile time of the
 layerwise ``lamb`` step, each in a fresh process with its own cache
-folder, and the peak resident memory the first ``lamb`` step adds over
-parameters + gradients (the state must be allocated; the target is the
-state plus one parameter-sized temporary).
+folder, and the peak resident memory a ``lamb`` step adds over parameters,
+gradients and compiled graphs (the first step allocates the state; the
+target is the state plus one parameter-sized temporary).
 """
 from __future__ import annotations
 
@@ -156,6 +156,27 @@ def run_size(name: str, warmup: int, repeats: int, only: set[str] | None) -> dic
     return result
 
 
+def kernel_share(size: str, steps: int = 3) -> dict:
+    """Where a compiled layerwise ``lamb`` step's time goes: wall time per step, and
+    the time inside inductor's compiled C++ kernels (cProfile counts each
+    ``<hash>.kernel`` call; its own timing of a C call is exact, while the
+    Python around it is slowed by profiling, so the overhead is wall - kernels)."""
+    import cProfile
+    import pstats
+
+    import layerwise as lw
+    params = make_params(bert_shapes(*SIZES[size]))
+    opt = lw.Optimizer(params, "lamb", compile=True)
+    wall = statistics.median(time_steps(opt.step, 2, 5))
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [opt.step() for _ in range(steps)])
+    stats = pstats.Stats(prof).stats
+    kernels = [(v[0], v[2]) for (_, _, fn), v in stats.items() if fn.endswith(".kernel}")
+               or fn.endswith(".kernel>")]
+    return {"wall_s": wall, "kernel_s": sum(t for _, t in kernels) / steps,
+            "kernel_calls": sum(n for n, _ in kernels) // steps}
+
+
 COMPILE_PROBE = """
 import sys, time, torch, json
 sys.path.insert(0, {here!r})
@@ -184,44 +205,60 @@ def compile_times(size: str) -> dict:
 
 
 MEMORY_PROBE = """
-import sys, resource, torch, json, gc
+import sys, torch, json
 sys.path.insert(0, {here!r})
 from step_time import bert_shapes, make_params
 import layerwise as lw
-params = make_params(bert_shapes(*{size!r}))
-opt = lw.Optimizer(params, "lamb", compile=True)
-opt.step()   # compile and allocate state
-opt.step()
-gc.collect()
-print(json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
-"""
 
-BASELINE_PROBE = """
-import sys, resource, torch, json
-sys.path.insert(0, {here!r})
-from step_time import bert_shapes, make_params
-import layerwise as lw
+def mib(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1]) / 1024
+
+def peak_of(fn):
+    open("/proc/self/clear_refs", "w").write("5")     # restart VmHWM at the current RSS
+    fn()
+    return mib("VmHWM")
+
+# compile every graph the big run needs on small parameters first, so that
+# compiled code is not counted as the step's memory
+small = [torch.nn.Parameter(torch.randn(n)) for n in (5000, 7)]
+for p in small:
+    p.grad = torch.randn_like(p)
+warm = lw.Optimizer(small, "lamb", compile=True)
+warm.step(); warm.step()
 params = make_params(bert_shapes(*{size!r}))
-state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]   # m, v
-tmp = torch.empty(max(p.numel() for p in params))                      # one temporary
-opt = lw.Optimizer([torch.nn.Parameter(torch.zeros(3))], "lamb", compile=True)
-print(json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+before = mib("VmRSS")
+opt = lw.Optimizer(params, "lamb", compile=True)
+first = peak_of(opt.step)
+opt.step()
+steady = peak_of(opt.step)
+state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
+largest = max(p.numel() * p.element_size() for p in params)
+print(json.dumps({{"before": before, "first": first, "steady": steady,
+                  "state": state / 2**20, "largest": largest / 2**20}}))
 """
 
 
 def peak_memory(size: str) -> dict:
-    """Peak RSS of a process running lamb steps vs one holding params, grads, state and
-    one parameter-sized temporary (the target), both after importing the same modules."""
+    """Resident memory a compiled lamb step adds, in a fresh process (MiB).
+
+    Read from /proc/self/status: ``VmHWM`` (the high-water mark, restarted
+    before each measured step through /proc/self/clear_refs) and ``VmRSS``.
+    (``getrusage``'s ``ru_maxrss`` survives ``exec`` on Linux, so a child of
+    this large process would report the parent's peak.) ``before``: after
+    the parameters and gradients exist and every graph is compiled;
+    ``first`` / ``steady``: the peak during the first step (which allocates
+    the state) and during a later one; ``state``: the bytes of all state
+    tensors; ``largest``: the largest parameter's bytes.
+    """
     here = str(Path(__file__).parent)
-    res = {}
-    for label, probe in (("lamb_step", MEMORY_PROBE), ("target", BASELINE_PROBE)):
-        r = subprocess.run([sys.executable, "-c", probe.format(here=here, size=SIZES[size])],
-                           capture_output=True, text=True, check=True)
-        res[label] = json.loads(r.stdout.strip().splitlines()[-1])["maxrss_kb"] / 1024
-    return res
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(here=here, size=SIZES[size])],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def markdown(results: list[dict], compile_t: dict | None, memory: dict | None, argv) -> str:
+def markdown(results: list[dict], compile_t: dict | None, memory: dict | None,
+             share: dict | None, argv) -> str:
     lines = ["# Step-time benchmark", "",
              f"Made by: `python benchmarks/{Path(__file__).name} {' '.join(argv)}`", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
@@ -251,11 +288,35 @@ def markdown(results: list[dict], compile_t: dict | None, memory: dict | None, a
                   f"- warm (inductor cache filled by the cold run, fresh process): "
                   f"{compile_t['warm']:.1f} s", ""]
     lines += _targets(results, compile_t, memory)
+    base = next((r for r in results if r["size"] == "base"), None)
+    if share and base:
+        floor = base["floor_s"]
+        lines += ["## Why `lamb` is above 1.5 x the floor (BERT-base)", "",
+                  f"- A compiled `lamb` step here: {share['wall_s'] * 1e3:.0f} ms wall "
+                  f"(this measurement), of which {share['kernel_s'] * 1e3:.0f} ms "
+                  f"({share['kernel_s'] / floor:.2f} x the floor) inside "
+                  f"{share['kernel_calls']} calls of inductor's C++ kernels (cProfile) and "
+                  f"{(share['wall_s'] - share['kernel_s']) * 1e3:.0f} ms of per-call "
+                  "overhead (dynamo's frame wrapper, guards, inductor's runtime wrapper, "
+                  "~100 us per call).",
+                  "- The kernels cannot reach 1.5 x: each layer is streamed twice (the "
+                  "trust ratio needs ||u|| of the whole layer before w can be written), "
+                  "at least 40 B/parameter = 1.43 x; u is stored without being read "
+                  "first, and on x86 such a store also reads the line (write-allocate), "
+                  "so 44 B/parameter move = 1.57 x. Inductor's C++ has no non-temporal "
+                  "stores or cache blocking to avoid that.",
+                  "- Details and what was tried: [docs/design-runtime.md]"
+                  "(../docs/design-runtime.md#performance-status).", ""]
     if memory:
-        lines += ["## Peak memory (BERT-base, resident set, MiB)", "",
-                  f"- process running two `lamb` steps: {memory['lamb_step']:.0f}",
-                  f"- target (parameters, gradients, m and v, one temporary as large as the "
-                  f"largest parameter): {memory['target']:.0f}", ""]
+        added = max(memory["first"], memory["steady"]) - memory["before"]
+        lines += ["## Peak memory of the compiled `lamb` step (BERT-base, resident, MiB)", "",
+                  f"- before the first step (parameters, gradients, compiled graphs): "
+                  f"{memory['before']:.0f}",
+                  f"- peak during the first step (it allocates the state): "
+                  f"{memory['first']:.0f}; during a later step: {memory['steady']:.0f}",
+                  f"- the most a step adds: {added:.0f}, against the state ({memory['state']:.0f}"
+                  f") plus one temporary as large as the largest parameter "
+                  f"({memory['largest']:.0f}) = {memory['state'] + memory['largest']:.0f}", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -288,9 +349,10 @@ def _targets(results: list[dict], compile_t: dict | None, memory: dict | None) -
         row("cold compile < 90 s", f"{compile_t['cold']:.1f} s", compile_t["cold"] < 90)
         row("warm compile < 10 s", f"{compile_t['warm']:.1f} s", compile_t["warm"] < 10)
     if memory:
+        added = max(memory["first"], memory["steady"]) - memory["before"]
+        allowed = memory["state"] + memory["largest"]
         row("peak memory <= state + one parameter-sized temporary",
-            f"{memory['lamb_step']:.0f} vs {memory['target']:.0f} MiB (peak RSS)",
-            memory["lamb_step"] <= memory["target"] * 1.02)
+            f"{added:.0f} vs {allowed:.0f} MiB added", added <= allowed)
     out += ["", "Why `lamb` is above the floor, with measurements: "
             "[docs/design-runtime.md](../docs/design-runtime.md#performance-status).", ""]
     return out
@@ -308,12 +370,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     only = {o for o in args.only.split(",") if o} or None
     results = [run_size(s, args.warmup, args.repeats, only) for s in args.sizes.split(",")]
+    share = kernel_share("base") if "base" in args.sizes.split(",") else None
     compile_t = None if args.no_compile_time else compile_times("base")
     memory = None if args.no_memory else peak_memory("base")
-    text = markdown(results, compile_t, memory, sys.argv[1:] if argv is None else argv)
+    text = markdown(results, compile_t, memory, share, sys.argv[1:] if argv is None else argv)
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"results": results, "compile_s": compile_t, "memory_MiB": memory}, indent=1))
+        {"results": results, "compile_s": compile_t, "memory_MiB": memory,
+         "lamb_kernel_share": share}, indent=1))
     print(text)
     return 0
 
