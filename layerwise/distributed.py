@@ -87,12 +87,10 @@ class Combiner:
     and how each combines (``"sum"`` or ``"max"``) returns the combined
     values in the same layout and dtypes, after one ``all_gather`` of a
     float64 vector per distinct process group. Max propagates NaN.
-    ``collectives`` counts the gathers made.
     """
 
     def __init__(self, groups: Sequence):
         self.groups = list(groups)
-        self.collectives = 0
 
     def __call__(self, partials: list[list[torch.Tensor]], how: list[str]) -> list[list[torch.Tensor]]:
         out = [list(p) for p in partials]
@@ -105,7 +103,6 @@ class Combiner:
                                 for j in items for v in partials[j]])
             gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(gathered, mine, group=group)
-            self.collectives += 1
             table = torch.stack(gathered)
             total, largest = table.sum(0), table.amax(0)
             k = 0

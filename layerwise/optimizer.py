@@ -172,7 +172,7 @@ class Optimizer(torch.optim.Optimizer):
             t = float(self.state[item["param"]]["step"]) + 1
             key = (id(item["hypers"]), t)
             if key not in t_now:
-                t_now[key] = (torch.tensor(t, dtype=item["dtype"], device=item["device"]),
+                t_now[key] = (torch.tensor(t, dtype=item["dtype"], device=item["param"].device),
                               item["hypers"])
             item["t_key"] = key
             item["args"] = self._args(item)
@@ -228,8 +228,8 @@ class Optimizer(torch.optim.Optimizer):
                 if key not in hyper_tensors:
                     hyper_tensors[key] = [torch.tensor(v, dtype=dtype, device=p.device)
                                           for v in values]
-                work.append({"param": p, "name": name, "dtype": dtype, "device": p.device,
-                             "group": pg, "hypers": hyper_tensors[key]})
+                work.append({"param": p, "name": name, "dtype": dtype, "group": pg,
+                             "hypers": hyper_tensors[key]})
         return work
 
     def _init_states(self, items: list[dict[str, Any]], sharded: bool) -> None:

@@ -115,14 +115,13 @@ def _make_keep_level(lowered: Lowered, keep: Materialized) -> Callable:
     returns the partials."""
     slots = [lowered.state_names.index(s) for s in keep.early]
     count = len(keep.combine)
-    graph = keep.level
+    run_pass = _make_pass(keep.level)
 
     def keep_level(param: torch.Tensor, grad: torch.Tensor, t: torch.Tensor,
                    numel: torch.Tensor, hypers: Sequence[torch.Tensor],
                    states: Sequence[torch.Tensor], consts: Sequence[torch.Tensor],
                    scratch: Sequence[torch.Tensor]):
-        outs = graph(param.to(t.dtype), grad.to(t.dtype), t + 1, numel, *hypers, *states,
-                     *consts)
+        outs = run_pass(param, grad, t, numel, hypers, states, consts)
         for j, i in enumerate(slots):
             states[i].copy_(outs[count + j])
         for j, buf in enumerate(scratch):

@@ -105,10 +105,13 @@ def _finish(new: fx.Graph, node: fx.Node, partial: fx.Node, env) -> fx.Node:
 
 
 def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | None,
-            name: str) -> fx.GraphModule:
-    """A copy of ``graph`` where ``as_input`` reductions become placeholders r0,
-    r1, ... (in that order) holding their partials, and the outputs are the
-    partials of ``outputs`` (None: the graph's own outputs)."""
+            name: str, scratch: list[fx.Node] = (),
+            by_state: dict[fx.Node, fx.Node] | None = None) -> fx.GraphModule:
+    """A copy of ``graph`` where ``scratch`` nodes become placeholders s0, s1, ...
+    (their values, kept by an earlier pass), then ``as_input`` reductions
+    placeholders r0, r1, ... holding their partials; ``by_state`` nodes are
+    read from the (already written) state placeholders they map to. The
+    outputs are the partials of ``outputs`` (None: the graph's own outputs)."""
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     last = None
@@ -116,14 +119,17 @@ def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | N
         if node.op == "placeholder":
             env[node] = last = new.placeholder(node.name)
             env[node].meta.update(node.meta)
-    partials = []
     taken = {n.target for n in new.nodes}
-    for i in range(len(as_input)):
+    extra = []
+    for base in [f"s{i}" for i in range(len(scratch))] + [f"r{i}" for i in range(len(as_input))]:
         with new.inserting_after(last):
-            last = new.placeholder(fresh_name(f"r{i}", taken))
-            partials.append(last)
-    for node, partial in zip(as_input, partials):
+            last = new.placeholder(fresh_name(base, taken))
+            extra.append(last)
+    env.update(zip(scratch, extra))
+    for node, partial in zip(as_input, extra[len(scratch):]):
         env[node] = _finish(new, node, partial, env)
+    for value, state in (by_state or {}).items():
+        env[value] = env[state]
     wanted = set(outputs or ())
     for node in graph.nodes:
         if node.op == "placeholder" or node in env:
@@ -245,7 +251,8 @@ def materialize(gm: fx.GraphModule, elem_inputs: set[str],
 
     level = _derive(gm.graph, [], reductions + [state_out[s] for s in early] + scratch,
                     f"{gm.__class__.__name__}_keep_level")
-    final = _derive_final(gm, reductions, scratch, by_state, final_outs)
+    final = _derive(gm.graph, reductions, final_outs, f"{gm.__class__.__name__}_keep_final",
+                    scratch, by_state)
     plain = split_graph(gm)
     recompute = (_elem_reads(plain.levels[0].graph, elem_inputs)
                  + _elem_reads(plain.final, elem_inputs) + 1
@@ -257,37 +264,3 @@ def materialize(gm: fx.GraphModule, elem_inputs: set[str],
     return Materialized(level, final, [COMBINE[n.target] for n in reductions], early, late,
                         len(scratch))
 
-
-def _derive_final(gm: fx.GraphModule, reductions: list[fx.Node], scratch: list[fx.Node],
-                  by_state: dict[fx.Node, fx.Node], outputs: list) -> fx.GraphModule:
-    """The final pass of :func:`materialize`: inputs, then s0, s1, ... (scratch
-    values), then r0, r1, ... (partials); ``by_state`` values are read from
-    their (already written) state placeholders."""
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    last = None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = last = new.placeholder(node.name)
-    extra = []
-    taken = {n.target for n in new.nodes}
-    for name in [f"s{i}" for i in range(len(scratch))] + [f"r{i}" for i in range(len(reductions))]:
-        with new.inserting_after(last):
-            last = new.placeholder(fresh_name(name, taken))
-            extra.append(last)
-    for node, ph in zip(scratch, extra):
-        env[node] = ph
-    for node, ph in zip(reductions, extra[len(scratch):]):
-        env[node] = _finish(new, node, ph, env)
-    for value, state in by_state.items():
-        env[value] = env[state]
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or node in env:
-            continue
-        if node.op == "output":
-            new.output(fx.node.map_arg(tuple(outputs), lambda n: env[n]))
-        else:
-            env[node] = new.node_copy(node, lambda n: env[n])
-    new.eliminate_dead_code()
-    new.lint()
-    return fx.GraphModule(torch.nn.Module(), new, class_name=f"{gm.__class__.__name__}_keep_final")
