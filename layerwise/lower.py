@@ -73,6 +73,9 @@ class Lowered:
     reduce: fx.GraphModule | None
     update_consts: fx.GraphModule
     update: fx.GraphModule
+    reduce_const_names: tuple[str, ...] = ()
+    update_const_names: tuple[str, ...] = ()
+    global_names: tuple[str, ...] = ()
 
     def graphs(self) -> list[tuple[str, fx.GraphModule]]:
         """``(title, graph module)`` for every graph, in execution order."""
@@ -335,6 +338,7 @@ def lower(program: CheckedProgram) -> Lowered:
 
     step_inputs = ["w", "g", "t", "numel", *hypers, *states]
     reduce_consts = reduce = None
+    reduce_const_names: tuple[str, ...] = ()
     if globals_:
         hoist = _Builder(["t", *hypers])
         b = _Builder(step_inputs, hoist)
@@ -351,6 +355,7 @@ def lower(program: CheckedProgram) -> Lowered:
             outs.append(b.fresh(part))
         reduce = b.finish(outs, f"{program.name}_reduce")
         reduce_consts = hoist.finish(b.hoisted, f"{program.name}_reduce_consts")
+        reduce_const_names = tuple(n.target for n in b.const_nodes)
 
     taken = {"t", *hypers}
     global_names = [fresh_name(f"global_{i}", taken) for i in range(len(globals_))]
@@ -374,7 +379,9 @@ def lower(program: CheckedProgram) -> Lowered:
     update = b.finish(outs, f"{program.name}_update")
     update_consts = hoist.finish(b.hoisted, f"{program.name}_update_consts")
     return Lowered(program, hypers, states, layer_states, tuple(assigned), program.watches,
-                   globals_, init, reduce_consts, reduce, update_consts, update)
+                   globals_, init, reduce_consts, reduce, update_consts, update,
+                   reduce_const_names, tuple(n.target for n in b.const_nodes),
+                   tuple(global_names))
 
 
 def _mark_inputs(b: _Builder, state_kinds: dict[str, str]) -> None:

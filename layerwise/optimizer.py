@@ -3,7 +3,9 @@
 LANGUAGE.md section 8 is the contract. Each hyper of the program is a
 ``param_groups`` key (so LR schedulers and per-group overrides work);
 ``for`` rules give per-parameter overrides decided when a group is added;
-per-parameter state holds the program's states and ``step`` (``t``).
+per-parameter state holds the program's states and ``step`` (``t``). The
+step runs on the multi-tensor runtime (``layerwise.runtime``): every
+parameter sharing a dtype and device in a constant number of calls.
 """
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .distributed import Combiner, is_dtensor, like, local, shard_group
-from .runtime import Runner, compute_dtype, flat, runner_for
 from .rules import rule_overrides
+from .runtime.buckets import BucketSet, Work
+from .runtime.distributed import Combiner, is_dtensor, shard_group
+from .runtime.layout import compute_dtype
+from .runtime.runner import Runner, runner_for
+from .runtime.validate import check_grad, check_param, check_state_entry
 from .spec import Spec, load
 
 __all__ = ["Optimizer"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TORCH_KEYS = {"params", "param_names", "initial_lr"}
 
 
@@ -37,23 +41,29 @@ class Optimizer(torch.optim.Optimizer):
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs (e.g.
             ``model.named_parameters()``), or of param-group dicts. Tensors
-            must be float32, float64, bfloat16 or float16, dense and real.
-            DTensor parameters sharded by FSDP2 (``fully_shard``) are
-            updated shard by shard, with every layer and global reduction
-            taken over the whole parameter (one collective per reduction
-            phase; ``layerwise.distributed``); DDP needs nothing special.
+            must be float32, float64, bfloat16 or float16, dense, real and
+            leaves; any shape (0-d and empty included) and memory layout
+            (contiguous, transposed, channels_last, strided views). DTensor
+            parameters sharded by FSDP2 (``fully_shard``) are updated shard
+            by shard, with every layer and global reduction taken over the
+            whole parameter (one collective per reduction phase); DDP needs
+            nothing special.
         spec: a :class:`layerwise.Spec`, a preset name (``"lamb"``) or a
             path to a ``.lw`` file.
         compile: run the step through ``torch.compile`` (default) or
-            eagerly; both run the same ``torch.fx`` graph.
+            eagerly; both run the same ``torch.fx`` graphs.
         **hypers: defaults for the program's hyperparameters (``lr=2e-3``).
 
     State per parameter: ``step`` (``t``, a 0-d tensor) and one tensor per
-    program ``state``: shaped like the parameter (elem) or 0-d (layer), in
-    float32 for bfloat16/float16 parameters, otherwise in the parameter's
-    dtype; elem states of DTensor parameters are DTensors laid out like
-    them. After each step ``watched[name][param_name]`` has one more float
-    per watched name and parameter updated.
+    program ``state``: shaped and laid out like the parameter (elem) or 0-d
+    (layer), in float32 for bfloat16/float16 parameters, otherwise in the
+    parameter's dtype; elem states of DTensor parameters are DTensors laid
+    out like them. They are views of the runtime's flat buffers
+    (``layerwise.runtime.layout``, which also says what the optimizer does
+    to parameters and gradients: it may make them views of its buffers, with
+    the same values). After each step ``watched[name][param_name]`` has one
+    more float per watched name and parameter updated; the values stay on
+    the device until ``watched`` is read.
 
     Raises:
         ValueError: unknown hyper names (the message lists the known ones),
@@ -67,9 +77,12 @@ class Optimizer(torch.optim.Optimizer):
         self.spec = _as_spec(spec)
         self.program = self.spec.program
         self._runner: Runner = runner_for(self.program, bool(compile))
+        lowered = self._runner.lowered
+        self._buckets = BucketSet(lowered.state_names, lowered.layer_states,
+                                  self.program.hyper_names)
         self._overrides: list[list[dict[str, float]]] = []
-        self._numels: dict[torch.Tensor, torch.Tensor] = {}
-        self.watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
+        self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
+        self._pending: list[tuple[list[str], torch.Tensor]] = []
         self._check_hypers(hypers, "keyword argument")
         defaults = {h.name: h.default for h in self.program.hypers}
         defaults.update({k: float(v) for k, v in hypers.items()})
@@ -117,214 +130,205 @@ class Optimizer(torch.optim.Optimizer):
             tensors.append(tensor)
         for name, p in zip(names, tensors):
             if isinstance(p, torch.Tensor):
-                self._check_param(p, name if name is not None else f"group {index}")
+                check_param(p, name if name is not None else f"group {index}")
         overrides = [rule_overrides(self.program.rules, p.dim(), p.numel(), n, explicit)
                      for n, p in zip(names, tensors) if isinstance(p, torch.Tensor)]
         super().add_param_group(probe)
         self._overrides.append(overrides)
-
-    @staticmethod
-    def _check_param(p: torch.Tensor, where: str) -> None:
-        if p.is_complex():
-            raise ValueError(f"parameter {where} is complex ({p.dtype}); layerwise optimizers "
-                             "need real parameters (view it as real with torch.view_as_real)")
-        if p.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"parameter {where} has dtype {p.dtype}; supported: float32, "
-                             "float64, bfloat16, float16")
-        if p.is_sparse:
-            raise ValueError(f"parameter {where} is sparse; only dense parameters are supported")
 
     def _param_name(self, gi: int, pi: int, flat: int) -> str:
         names = self.param_groups[gi].get("param_names")
         return names[pi] if names is not None else f"param{flat}"
 
     # ---------------------------------------------------------------- step
+    @torch._dynamo.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """Update every parameter that has a gradient; returns ``closure()``'s loss.
 
-        All checks (hyper ranges, sparse gradients) happen before anything
-        is modified, so a step that raises leaves parameters and state as
-        they were.
+        Everything (hyper ranges, parameters, gradients, state) is checked
+        before anything is modified, so a step that raises leaves
+        parameters, gradients and state as they were. Under an outer
+        ``torch.compile`` the step runs as its own (compiled or eager) code,
+        outside the outer graph.
 
         Raises:
-            ValueError: a group's hyper value outside its range, a sparse
-                or mismatched gradient (for a DTensor parameter: one not
-                sharded like it), or a DTensor parameter with a layout
-                other than Shard over one mesh dimension / Replicate.
+            ValueError: a group's hyper value outside its range, an
+                unsupported parameter, a sparse or mismatched gradient (for
+                a DTensor parameter: one not sharded like it), a DTensor
+                parameter with a layout other than Shard over one mesh
+                dimension / Replicate, a parameter whose shape changed since
+                its state was created, or a state value that does not fit.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = self._collect()
-        if not work:
+        if not any(w.active for w in work):
             return loss
+        bs = self._buckets
+        if bs.members_changed(work, self.state):
+            bs.rebuild(work, self.state)
+        prepared = bs.prepare(work, self.state)
+        buckets = [b for b, _ in prepared]
+        shards = [b.shards() for b in buckets]
+        combine = Combiner(shards) if any(shards) else None
         runner = self._runner
-        groups = [item["group"] for item in work]
-        sharded = any(g is not None for g in groups)
-        combine = Combiner(groups) if sharded else None
-        self._init_states([item for item in work if not self.state[item["param"]]], sharded)
-        # t of this step for each parameter, and the tensors of it shared by
-        # every parameter with the same hyper values and step count
-        t_now: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        for item in work:
-            t = float(self.state[item["param"]]["step"]) + 1
-            key = (id(item["hypers"]), t)
-            if key not in t_now:
-                t_now[key] = (torch.tensor(t, dtype=item["dtype"], device=item["param"].device),
-                              item["hypers"])
-            item["t_key"] = key
-            item["args"] = self._args(item)
-        globals_: list[torch.Tensor] = []
-        if runner.reduce_fn is not None:
-            consts = {k: runner.reduce_consts(t, hypers) for k, (t, hypers) in t_now.items()}
-            globals_ = runner.finish_globals(runner.reduce(
-                [item["args"] + (consts[item["t_key"]],) for item in work], combine))
-        consts = {k: runner.update_consts(t, hypers, [x.to(t.dtype) for x in globals_])
-                  for k, (t, hypers) in t_now.items()}
-        outputs = runner.update([item["args"] + (consts[item["t_key"]],) for item in work],
-                                combine)
-        for i, n in enumerate(self.program.watches):
-            floats = torch.stack([values[i].to(torch.float64) for values in outputs]).tolist()
-            record = self.watched.setdefault(n, {})
-            for item, x in zip(work, floats):
-                record.setdefault(item["name"], []).append(x)
+        inits = [(b, m) for b, m in prepared if m is not None]
+        if inits:
+            runner.run("init", [b for b, _ in inits], [self._env(b) for b, _ in inits],
+                       [m for _, m in inits], combine and Combiner([b.shards() for b, _ in inits]))
+            for b, m in inits:
+                b.T.masked_fill_(m, 0)
+        t_now = [b.T + 1 for b in buckets]
+        envs = [self._env(b, t) for b, t in zip(buckets, t_now)]
+        actives = [b.active for b in buckets]
+        if "reduce" in runner.procs:
+            values = runner.globals(buckets, envs, actives, combine)
+            for b, env in zip(buckets, envs):
+                env.update({name: v.to(device=b.device, dtype=b.cdtype)
+                            for name, v in zip(runner.lowered.global_names, values)})
+        outputs = runner.run("update", buckets, envs, actives, combine)
+        for b, t in zip(buckets, t_now):
+            b.T.copy_(torch.where(b.active, t, b.T))
+        bs.finish()
+        if self.program.watches:
+            for b, (_, vec) in zip(buckets, outputs):
+                names = [s.name for s, on in zip(b.slots, b.active_key) if on]
+                index = [s.index for s, on in zip(b.slots, b.active_key) if on]
+                values = torch.stack([torch.broadcast_to(torch.as_tensor(
+                    v, dtype=b.cdtype, device=b.device), (b.P,)) for v in vec])
+                self._pending.append((names, values[:, index]))
         return loss
 
-    def _collect(self) -> list[dict[str, Any]]:
-        """Validate everything and list the parameters to update (changes nothing)."""
+    def _env(self, b, t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        env = {"numel": b.NUMEL, **dict(zip(self.program.hyper_names, b.H)), **b.L}
+        if t is not None:
+            env["t"] = t
+        return env
+
+    def _collect(self) -> list[Work]:
+        """Validate everything and describe every parameter (changes nothing)."""
+        names = self.program.hyper_names
         work = []
-        hyper_tensors: dict[tuple, list[torch.Tensor]] = {}
         flat = -1
+        lowered = self._runner.lowered
+        kinds = dict(zip(lowered.state_names, lowered.layer_states))
         for gi, group in enumerate(self.param_groups):
-            for k in self.program.hyper_names:
+            for k in names:
                 h = self.program.hyper(k)
                 if not h.admits(float(group[k])):
                     raise ValueError(f"param group {gi}: {k}={group[k]!r} is outside its range "
                                      f"{h.range}")
+            values = tuple(float(group[k]) for k in names)
+            merged: dict[int, tuple] = {}
+            overrides = self._overrides[gi] if gi < len(self._overrides) else []
             for pi, p in enumerate(group["params"]):
                 flat += 1
-                if p.grad is None:
-                    continue
                 name = self._param_name(gi, pi, flat)
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter {name} has a sparse gradient; layerwise "
-                                     "optimizers need dense gradients")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"parameter {name} has shape {tuple(p.shape)} but its "
-                                     f"gradient has shape {tuple(p.grad.shape)}")
-                pg = shard_group(p, name)
-                if is_dtensor(p) and (not is_dtensor(p.grad)
-                                      or p.grad.placements != p.placements
-                                      or local(p.grad).shape != local(p).shape):
-                    raise ValueError(f"parameter {name} is a DTensor with placements "
-                                     f"{p.placements} but its gradient is not sharded the "
-                                     "same way")
-                dtype = compute_dtype(p.dtype)
-                ov = self._overrides[gi][pi] if pi < len(self._overrides[gi]) else {}
-                values = tuple(float(ov.get(k, group[k])) for k in self.program.hyper_names)
-                key = (values, dtype, p.device)
-                if key not in hyper_tensors:
-                    hyper_tensors[key] = [torch.tensor(v, dtype=dtype, device=p.device)
-                                          for v in values]
-                work.append({"param": p, "name": name, "dtype": dtype, "group": pg,
-                             "hypers": hyper_tensors[key]})
+                g = p.grad
+                found = self._buckets.slot_of.get(p)
+                ours = found is not None and found[1].adopted and \
+                    found[0].is_adopted_view(found[1])
+                if (g is not None or found is not None) and not ours:
+                    check_param(p, name)
+                if g is not None and (found is None or g is not found[1].g):
+                    check_grad(p, g, name)
+                if found is not None and tuple(found[1].shape) != tuple(_local_shape(p)):
+                    raise ValueError(f"parameter {name} has shape {tuple(p.shape)}, but its "
+                                     f"state was made for shape {found[1].shape}; give the "
+                                     "optimizer a parameter of the same shape")
+                entries = self.state.get(p)
+                if entries and (found is None or entries is not found[1].entries
+                                or not self._buckets._intact(found[1], entries)):
+                    self._check_entries(p, entries, kinds, name)
+                ov = overrides[pi] if pi < len(overrides) else {}
+                hv = values
+                if ov:
+                    hv = merged.get(id(ov))
+                    if hv is None:
+                        hv = merged[id(ov)] = tuple(float(ov.get(k, group[k])) for k in names)
+                work.append(Work(p, name, shard_group(p, name) if is_dtensor(p) else None, hv,
+                                 g is not None))
         return work
 
-    def _init_states(self, items: list[dict[str, Any]], sharded: bool) -> None:
-        """Create the state of parameters at their first step (``step`` = 0 and
-        the program's initial values; elem states laid out like the parameter)."""
-        if not items:
-            return
-        combine = Combiner([item["group"] for item in items]) if sharded else None
-        inits = self._runner.init_states(
-            [(local(item["param"]).detach().reshape(-1).to(item["dtype"]),
-              self._numel(item["param"], item["dtype"]), item["hypers"]) for item in items],
-            combine)
-        lowered = self._runner.lowered
-        for item, values in zip(items, inits):
-            p, dtype = item["param"], item["dtype"]
-            state = self.state[p]
-            state["step"] = torch.zeros((), dtype=dtype, device=p.device)
-            seen: set[int] = set()
-            for name, layer, value in zip(lowered.state_names, lowered.layer_states, values):
-                # two states with the same initial expression share one output
-                # tensor of the init graph (CSE): copy it for the second, so they
-                # never alias (the outputs never alias w or the hypers)
-                if id(value) in seen:
-                    value = value.clone()
-                seen.add(id(value))
-                state[name] = (value.reshape(()) if layer else
-                               like(value.reshape(local(p).shape), p))
+    @staticmethod
+    def _check_entries(p: torch.Tensor, entries: dict, kinds: dict[str, bool], where: str):
+        expected = {"step", *kinds}
+        unknown = sorted(set(entries) - expected)
+        missing = sorted(expected - set(entries))
+        if unknown or missing:
+            raise ValueError(f"the state of parameter {where} has "
+                             + (f"unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}"
+                                if unknown else "")
+                             + (" and " if unknown and missing else "")
+                             + (f"no {', '.join(map(repr, missing))}" if missing else "")
+                             + f"; this program's state is: {', '.join(sorted(expected))}")
+        for k, v in entries.items():
+            check_state_entry(p, k, v, None if k == "step" else kinds[k], where)
 
-    def _numel(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``p``'s element count as a 0-d tensor of ``dtype`` (cached per parameter)."""
-        numel = self._numels.get(p)
-        if numel is None or numel.dtype != dtype:
-            numel = self._numels[p] = torch.tensor(float(p.numel()), dtype=dtype,
-                                                   device=p.device)
-        return numel
+    # ---------------------------------------------------------------- watched
+    @property
+    def watched(self) -> dict[str, dict[str, list[float]]]:
+        """``{watched name: {parameter name: [one float per step it was updated]}}``.
 
-    def _args(self, item: dict[str, Any]):
-        """The runner's per-parameter arguments: 1-D aliases of the parameter, its
-        gradient and elem states; ``t``, ``numel``, hypers and layer states."""
-        p = item["param"]
-        state = self.state[p]
-        numel = self._numel(p, item["dtype"])
-        states = [state[n] if layer else flat(local(state[n]))
-                  for n, layer in zip(self._runner.lowered.state_names,
-                                      self._runner.lowered.layer_states)]
-        return (flat(local(p.detach())), flat(local(p.grad.detach()).contiguous()), state["step"],
-                numel,
-                item["hypers"], states)
+        Values are kept on the device until this is read (then one transfer
+        per recorded step)."""
+        for names, values in self._pending:
+            rows = values.to(torch.float64).tolist()
+            for n, row in zip(self.program.watches, rows):
+                record = self._watched.setdefault(n, {})
+                for name, x in zip(names, row):
+                    record.setdefault(name, []).append(x)
+        self._pending.clear()
+        return self._watched
+
+    @watched.setter
+    def watched(self, value: dict) -> None:
+        self._pending.clear()
+        self._watched = value
 
     # ---------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict (torch semantics), keeping state in the compute dtype.
 
-        ``torch.optim.Optimizer`` casts loaded state to the parameter's dtype;
-        for bfloat16/float16 parameters that would lose the float32 state,
-        so state tensors are re-read from ``state_dict`` in the compute dtype.
-        The given ``state_dict`` is never modified or aliased. ``watched``
-        starts afresh: its history is not part of the state dict (and
+        Everything is checked first: every parameter's saved state must have
+        exactly this program's keys (``step`` and its states), elem states
+        the parameter's shape (and layout, for DTensors), layer states and
+        ``step`` one number each (``step`` a whole number >= 0). The state is
+        copied into the runtime's buffers at the next step; the given
+        ``state_dict`` is never modified or aliased. ``watched`` starts
+        afresh: its history is not part of the state dict (and
         ``torch.distributed.checkpoint``'s ``get_state_dict`` may run a step
         with ``lr = 0`` on a fresh optimizer to create state before loading).
 
         Raises:
-            ValueError: an elem state whose shape differs from its parameter's,
-                or a plain tensor for a DTensor parameter (or the reverse, or
-                other placements); nothing is changed then.
+            ValueError: naming the parameter and the key that does not fit;
+                nothing is changed then.
         """
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [p for g in self.param_groups for p in g["params"]]
-        self._check_loaded(state_dict, saved, mine)
+        lowered = self._runner.lowered
+        kinds = dict(zip(lowered.state_names, lowered.layer_states))
+        if len(saved) != len(mine):
+            raise ValueError(f"the state dict has {len(saved)} parameters, this optimizer "
+                             f"{len(mine)}")
+        for index, (sid, p) in enumerate(zip(saved, mine)):
+            entry = state_dict["state"].get(sid)
+            if entry:
+                self._check_entries(p, entry, kinds, str(index))
         super().load_state_dict(state_dict)
         self.watched = {n: {} for n in self.program.watches}
         for sid, p in zip(saved, mine):
             entry = state_dict["state"].get(sid)
-            if entry is None:
+            if not entry:
                 continue
             dtype = compute_dtype(p.dtype)
             self.state[p] = {k: (v.to(device=p.device, dtype=dtype, copy=True)
                                  if isinstance(v, torch.Tensor) else v)
                              for k, v in entry.items()}
 
-    def _check_loaded(self, state_dict: dict[str, Any], saved: list, mine: list) -> None:
-        lowered = self._runner.lowered
-        for index, (sid, p) in enumerate(zip(saved, mine)):
-            entry = state_dict["state"].get(sid) or {}
-            for name, layer in zip(lowered.state_names, lowered.layer_states):
-                v = entry.get(name)
-                if layer or not isinstance(v, torch.Tensor):
-                    continue
-                where = f"state '{name}' of parameter {index}"
-                if tuple(v.shape) != tuple(p.shape):
-                    raise ValueError(f"{where} has shape {tuple(v.shape)}, the parameter "
-                                     f"{tuple(p.shape)}")
-                if is_dtensor(p) != is_dtensor(v) or (
-                        is_dtensor(p) and tuple(v.placements) != tuple(p.placements)):
-                    raise ValueError(f"{where} is laid out as "
-                                     f"{getattr(v, 'placements', 'a plain tensor')}, the "
-                                     f"parameter as {getattr(p, 'placements', 'a plain tensor')}"
-                                     "; load sharded state with torch.distributed.checkpoint")
+
+def _local_shape(p: torch.Tensor):
+    return p.to_local().shape if is_dtensor(p) else p.shape

@@ -1,18 +1,11 @@
 """Per-parameter graph -> passes split at its layer reductions.
 
-Two runtime paths need a per-parameter graph (``layerwise.lower``) cut at
-its layer reductions (``norm``, ``sum``, ``mean``, ``rms``, ``dot``,
-``max_abs``):
-
-* large parameters, compiled: the fused ``update`` graph is one kernel,
-  but inductor keeps every elem value that a layer reduction reads *and*
-  the update needs later (``u`` in LAMB) in a parameter-sized temporary
-  allocated on every call. Recomputing it costs less
-  (docs/design-runtime.md, "Performance status");
-* sharded parameters (FSDP2, ``layerwise.distributed``): a rank holds one
-  shard, so a reduction must be combined across ranks before anything
-  that depends on it runs.
-
+The multi-tensor runtime (``layerwise.runtime``) runs every per-parameter
+graph of ``layerwise.lower`` over all parameters at once, on flat buffers
+(``layerwise.runtime.flatten``). A layer reduction (``norm``, ``sum``,
+``mean``, ``rms``, ``dot``, ``max_abs``) needs every element of a layer
+before anything that depends on it can run, and under FSDP2 it must also
+be combined across ranks; so the graph is cut there.
 :func:`split_graph` derives, by graph surgery on the same graph:
 
 ``level k`` (k = 1..D) ``(*inputs, *partials of the reductions of levels
@@ -21,16 +14,21 @@ its layer reductions (``norm``, ``sum``, ``mean``, ``rms``, ``dot``,
 
 A reduction's level is 1 + the highest level among the reductions its
 argument depends on. A level pass returns each reduction as a *partial*
-that is combined across shards by a sum or a max (:data:`COMBINE`): the
-sum of squares for ``norm`` and ``rms``, the sum for ``sum``, ``mean`` and
-``dot``, the largest absolute value for ``max_abs``. The passes that take
-partials finish them inside the graph (``sqrt``, ``/ numel``; ``numel``
-is the whole parameter's element count), so one parameter's passes, run
-one after the other with nothing combined in between, compute exactly the
-reductions of the fused graph. Each pass recomputes the elementwise values
-it needs from the inputs, so no elem temporary survives between passes;
-nothing is written before the final pass, so a pass may read every input
-as it was. The arithmetic is the same nodes as the fused graph, copied.
+that is combined across chunks and shards by a sum or a max
+(:data:`COMBINE`): the sum of squares for ``norm`` and ``rms``, the sum
+for ``sum``, ``mean`` and ``dot``, the largest absolute value for
+``max_abs``. The passes that take partials finish them inside the graph
+(``sqrt``, ``/ numel``; ``numel`` is the whole parameter's element count),
+so one parameter's passes, run one after the other with nothing combined
+in between, compute exactly the reductions of the fused graph. Each pass
+recomputes the elementwise values it needs from the inputs, so no elem
+temporary survives between passes; nothing is written before the final
+pass, so a pass may read every input as it was.
+
+:func:`split_early` is the variant for one-level update graphs in which a
+state's new value does not depend on any reduction (LAMB's ``m`` and
+``v``): the level pass also writes those states, and the final pass reads
+them back instead of recomputing them, when that moves fewer bytes.
 
 Shapes and dtypes: as the graph split (``layerwise.lower``); every
 partial is a 0-d tensor of the compute dtype.
@@ -46,7 +44,8 @@ import torch.fx as fx
 from . import ops
 from .lower import fresh_name
 
-__all__ = ["Level", "SplitGraph", "split_graph", "REDUCTIONS", "COMBINE"]
+__all__ = ["Level", "SplitGraph", "EarlySplit", "split_graph", "split_early", "REDUCTIONS",
+           "COMBINE", "PARTIALS"]
 
 #: Call targets that reduce over one parameter's elements (layer reductions).
 REDUCTIONS = frozenset({ops.norm, torch.sum, ops.mean, ops.rms, ops.max_abs, ops.dot})
@@ -57,6 +56,11 @@ COMBINE = {ops.norm: "sum", torch.sum: "sum", ops.mean: "sum", ops.rms: "sum",
 
 #: The partial a level pass returns in place of each reduction.
 _PARTIAL = {ops.norm: ops.sumsq, ops.rms: ops.sumsq, ops.mean: torch.sum}
+
+#: Call targets of the partials a pass returns (``ops.sumsq`` for ``norm`` and
+#: ``rms``, ``torch.sum`` for ``sum`` and ``mean``, and ``dot`` and ``max_abs``
+#: as they are), with how each combines.
+PARTIALS = {ops.sumsq: "sum", torch.sum: "sum", ops.dot: "sum", ops.max_abs: "max"}
 
 
 @dataclass
@@ -81,15 +85,15 @@ class SplitGraph:
         return len(self.combine)
 
 
-def _levels(graph: fx.Graph, skip: set[fx.Node]) -> dict[fx.Node, int]:
-    """Level of every reduction node not in ``skip`` (0 for nodes that depend on none)."""
+def _levels(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Level of every reduction node (0 for nodes that depend on none)."""
     level: dict[fx.Node, int] = {}
     for node in graph.nodes:
         below = max((level.get(a, 0) for a in node.all_input_nodes), default=0)
-        split = node.op == "call_function" and node.target in REDUCTIONS and node not in skip
+        split = node.op == "call_function" and node.target in REDUCTIONS
         level[node] = below + 1 if split else below
     return {n: lv for n, lv in level.items()
-            if n.op == "call_function" and n.target in REDUCTIONS and n not in skip}
+            if n.op == "call_function" and n.target in REDUCTIONS}
 
 
 def _finish(new: fx.Graph, node: fx.Node, partial: fx.Node, env) -> fx.Node:
@@ -105,13 +109,11 @@ def _finish(new: fx.Graph, node: fx.Node, partial: fx.Node, env) -> fx.Node:
 
 
 def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | None,
-            name: str, scratch: list[fx.Node] = (),
-            by_state: dict[fx.Node, fx.Node] | None = None) -> fx.GraphModule:
-    """A copy of ``graph`` where ``scratch`` nodes become placeholders s0, s1, ...
-    (their values, kept by an earlier pass), then ``as_input`` reductions
-    placeholders r0, r1, ... holding their partials; ``by_state`` nodes are
-    read from the (already written) state placeholders they map to. The
-    outputs are the partials of ``outputs`` (None: the graph's own outputs)."""
+            name: str, by_state: dict[fx.Node, fx.Node] | None = None) -> fx.GraphModule:
+    """A copy of ``graph`` where the ``as_input`` reductions become placeholders
+    r0, r1, ... holding their partials; ``by_state`` nodes are read from the
+    (already written) state placeholders they map to. The outputs are the
+    partials of ``outputs`` (None: the graph's own outputs)."""
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     last = None
@@ -121,12 +123,11 @@ def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | N
             env[node].meta.update(node.meta)
     taken = {n.target for n in new.nodes}
     extra = []
-    for base in [f"s{i}" for i in range(len(scratch))] + [f"r{i}" for i in range(len(as_input))]:
+    for base in [f"r{i}" for i in range(len(as_input))]:
         with new.inserting_after(last):
             last = new.placeholder(fresh_name(base, taken))
             extra.append(last)
-    env.update(zip(scratch, extra))
-    for node, partial in zip(as_input, extra[len(scratch):]):
+    for node, partial in zip(as_input, extra):
         env[node] = _finish(new, node, partial, env)
     for value, state in (by_state or {}).items():
         env[value] = env[state]
@@ -146,17 +147,10 @@ def _derive(graph: fx.Graph, as_input: list[fx.Node], outputs: list[fx.Node] | N
     return fx.GraphModule(torch.nn.Module(), new, class_name=name)
 
 
-def split_graph(gm: fx.GraphModule, skip_outputs: bool = False) -> SplitGraph | None:
+def split_graph(gm: fx.GraphModule) -> SplitGraph | None:
     """The split passes of the per-parameter graph ``gm``, or None if it has
-    no layer reduction to split at.
-
-    ``skip_outputs``: reductions that are themselves outputs of ``gm`` are
-    not split points (the ``reduce`` graph's outputs are partials of global
-    reductions, which the runtime combines).
-    """
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    skip = set(out_node.all_input_nodes) if skip_outputs else set()
-    levels = _levels(gm.graph, skip)
+    no layer reduction to split at."""
+    levels = _levels(gm.graph)
     if not levels:
         return None
     order = list(levels)  # graph order: the index of each reduction input r<i>
@@ -173,34 +167,21 @@ def split_graph(gm: fx.GraphModule, skip_outputs: bool = False) -> SplitGraph | 
 
 
 @dataclass
-class Materialized:
-    """A one-level split of an update graph that keeps elem values instead of
-    recomputing them (see :func:`materialize`).
+class EarlySplit:
+    """A one-level split of an update graph whose level pass also computes the
+    new values of the *early* states (see :func:`split_early`).
 
-    ``level``: ``(*inputs) -> (*partials, *new values of the early states,
-    *scratch values)``; ``final``: ``(*inputs, *scratch values, *partials)
-    -> (new w, *new values of the late states, *watched)``. ``early`` and
-    ``late`` are state names in the update graph's output order;
-    ``scratch`` is the number of parameter-sized scratch values.
+    ``level``: ``(*inputs) -> (*partials, *new values of the early states)``;
+    ``final``: ``(*inputs, *partials) -> (new w, *new values of the late
+    states, *watched)``, reading the early states' placeholders as their new
+    values. ``early`` and ``late`` are state names in the update graph's
+    output order.
     """
     level: fx.GraphModule
     final: fx.GraphModule
     combine: list[str]
     early: list[str]
     late: list[str]
-    scratch: int
-
-
-def _elem_nodes(gm: fx.GraphModule, elem_inputs: set[str]) -> set[fx.Node]:
-    """Nodes of ``gm`` whose value is parameter-shaped (found by running the
-    graph once on 3-element stand-ins; every other input is 0-d)."""
-    from torch.fx.passes.shape_prop import ShapeProp
-    args = [torch.ones(3, dtype=torch.float64) if n.name in elem_inputs
-            else torch.ones((), dtype=torch.float64)
-            for n in gm.graph.nodes if n.op == "placeholder"]
-    ShapeProp(gm).propagate(*args)
-    return {n for n in gm.graph.nodes if n.op != "output"
-            and tuple(getattr(n.meta.get("tensor_meta"), "shape", ())) == (3,)}
 
 
 def _elem_reads(gm: fx.GraphModule, elem_inputs: set[str]) -> int:
@@ -208,11 +189,11 @@ def _elem_reads(gm: fx.GraphModule, elem_inputs: set[str]) -> int:
                if n.op == "placeholder" and n.name in elem_inputs and n.users)
 
 
-def materialize(gm: fx.GraphModule, elem_inputs: set[str],
-                assigned: list[str]) -> Materialized | None:
-    """A split of the update graph ``gm`` whose level pass writes the elem
-    values the final pass needs (into scratch buffers, or straight into the
-    states they are the new values of), when that moves fewer bytes than
+def split_early(gm: fx.GraphModule, elem_inputs: set[str],
+                assigned: list[str]) -> EarlySplit | None:
+    """A split of the update graph ``gm`` whose level pass writes the new values
+    of the elem states that do not depend on a reduction (and whose old values
+    are not read after one), when that moves fewer bytes than
     :func:`split_graph`'s recomputation; None otherwise, or if the graph has
     no or more than one level of layer reductions.
 
@@ -220,15 +201,15 @@ def materialize(gm: fx.GraphModule, elem_inputs: set[str],
     ``g``, elem states); ``assigned``: the states whose new values are
     ``gm``'s outputs 1, 2, ... in order.
 
-    Cost model, in parameter-sized arrays read or written per step (LAMB:
-    recomputing reads w, g, m, v twice and writes w, m, v: 11; keeping
-    ``u`` writes m, v and ``u`` in the level pass and then reads w and
-    ``u``: 10. LARS keeps recomputing: 7 against 8).
+    Cost model, in parameter-sized arrays read or written per step. LAMB:
+    recomputing reads w, g, m, v twice and writes w, m, v: 11; writing m
+    and v in the level pass and reading them back in the final pass (w, m,
+    v read, w written): 10. LARS's momentum depends on the trust ratio, so
+    it has no early state.
     """
-    levels = _levels(gm.graph, set())
+    levels = _levels(gm.graph)
     if not levels or max(levels.values()) != 1:
         return None
-    elem = _elem_nodes(gm, elem_inputs)
     reductions = list(levels)
     later: set[fx.Node] = set()             # reductions and everything after them
     for node in gm.graph.nodes:
@@ -242,25 +223,20 @@ def materialize(gm: fx.GraphModule, elem_inputs: set[str],
     early = [s for s, v in state_out.items()
              if s in elem_inputs and v not in later and placeholders[s] not in used_later
              and v.op != "placeholder"]
+    if not early:
+        return None
     late = [s for s in assigned if s not in early]
     final_outs = [outs[0], *(state_out[s] for s in late), *outs[1 + len(assigned):]]
-    frontier = [n for n in gm.graph.nodes if n in elem and n not in later
-                and n.op != "placeholder" and (n in used_later or n in final_outs)]
     by_state = {state_out[s]: placeholders[s] for s in early}
-    scratch = [n for n in frontier if n not in by_state]
-
-    level = _derive(gm.graph, [], reductions + [state_out[s] for s in early] + scratch,
-                    f"{gm.__class__.__name__}_keep_level")
-    final = _derive(gm.graph, reductions, final_outs, f"{gm.__class__.__name__}_keep_final",
-                    scratch, by_state)
+    base = gm.__class__.__name__
+    level = _derive(gm.graph, [], reductions + [state_out[s] for s in early], f"{base}_early_level")
+    final = _derive(gm.graph, reductions, final_outs, f"{base}_early_final", by_state)
     plain = split_graph(gm)
+    elem_assigned = sum(1 for s in assigned if s in elem_inputs)
     recompute = (_elem_reads(plain.levels[0].graph, elem_inputs)
-                 + _elem_reads(plain.final, elem_inputs) + 1
-                 + sum(1 for s in assigned if s in elem_inputs))
-    kept = (_elem_reads(level, elem_inputs) + len(early) + 2 * len(scratch)
-            + _elem_reads(final, elem_inputs) + 1 + sum(1 for s in late if s in elem_inputs))
+                 + _elem_reads(plain.final, elem_inputs) + 1 + elem_assigned)
+    kept = (_elem_reads(level, elem_inputs) + len(early) + _elem_reads(final, elem_inputs) + 1
+            + sum(1 for s in late if s in elem_inputs))
     if kept >= recompute:
         return None
-    return Materialized(level, final, [COMBINE[n.target] for n in reductions], early, late,
-                        len(scratch))
-
+    return EarlySplit(level, final, [COMBINE[n.target] for n in reductions], early, late)

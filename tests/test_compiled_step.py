@@ -62,8 +62,8 @@ def test_graph_count_does_not_grow_with_parameters_and_schedulers_do_not_recompi
             sched.step()
         assert compiled_graphs() == before, "an LR scheduler step caused a recompile"
         assert opt.param_groups[0]["lr"] != 0.1  # the scheduler did change lr
-    # the fused step for sizes 1 and 2..4096, and above 4096 (runtime.SPLIT_ABOVE)
-    # the level pass and the final pass: four graphs, however many parameters
+    # the flat runtime: one graph per pass (a level pass and the final pass),
+    # however many parameters, whatever their sizes
     assert counts[3] == counts[300] and 1 <= counts[3] <= 4, counts
 
 
@@ -149,8 +149,8 @@ step {
 
 
 def test_split_passes_for_large_parameters_agree_with_eager():
-    """Parameters above runtime.SPLIT_ABOVE run as level passes + a final pass when
-    compiled; they must agree with the eager (fused graph) path."""
+    """Parameters of many chunks (and a zero one) agree between the compiled
+    path and the eager path (the same flat graphs, run in blocks)."""
     for spec in ("lamb", lw.parse(TWO_LEVELS)):
         gen = torch.Generator().manual_seed(3)
         base = [torch.randn(s, generator=gen) for s in [(5000,), (70, 80), (3, 4)]]

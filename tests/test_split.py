@@ -1,7 +1,7 @@
 """layerwise.split on its own, eagerly (no compile): the split passes compute what
 the fused graph computes, for whole parameters and for parameters cut into
 shards whose partials are combined (as under FSDP2), on the presets and on
-random programs; and the materialized split (``materialize``) likewise."""
+random programs; and the split that writes early states (``split_early``) likewise."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 import layerwise as lw
 from layerwise.lower import lower
-from layerwise.split import materialize, split_graph
+from layerwise.split import split_early, split_graph
 from test_runtime_properties import programs
 
 N = 11          # elements of the parameter; shards of 6 and 5, or 11 and 0
@@ -73,8 +73,8 @@ def _assert_sharded_equals_fused(lowered, seed: int) -> None:
                                        msg=f"output {j}, shards {cuts}")
 
 
-def _assert_materialized_equals_fused(lowered, seed: int) -> None:
-    keep = materialize(lowered.update, _elem(lowered), list(lowered.assigned_states))
+def _assert_early_equals_fused(lowered, seed: int) -> None:
+    keep = split_early(lowered.update, _elem(lowered), list(lowered.assigned_states))
     if keep is None:
         return
     inputs = _inputs(lowered, seed)
@@ -82,13 +82,12 @@ def _assert_materialized_equals_fused(lowered, seed: int) -> None:
     first = 4 + len(lowered.hyper_names)
     outs = keep.level(*inputs)             # every graph here sees this step's t
     count = len(keep.combine)
-    partials, early, scratch = outs[:count], outs[count:count + len(keep.early)], \
-        outs[count + len(keep.early):]
-    assert len(scratch) == keep.scratch
+    partials, early = outs[:count], outs[count:]
+    assert len(early) == len(keep.early)
     written = list(inputs)
     for name, value in zip(keep.early, early):   # the level pass writes early states
         written[first + lowered.state_names.index(name)] = value
-    final = keep.final(*written, *scratch, *partials)
+    final = keep.final(*written, *partials)
     want_states = dict(zip(lowered.assigned_states, fused[1:1 + len(lowered.assigned_states)]))
     torch.testing.assert_close(final[0], fused[0], rtol=1e-10, atol=1e-12, equal_nan=True)
     for name, value in zip(keep.late, final[1:1 + len(keep.late)]):
@@ -105,7 +104,7 @@ def _assert_materialized_equals_fused(lowered, seed: int) -> None:
 def test_presets_split_and_sharded_equal_fused(name):
     lowered = lower(lw.load(name).program)
     _assert_sharded_equals_fused(lowered, seed=1)
-    _assert_materialized_equals_fused(lowered, seed=2)
+    _assert_early_equals_fused(lowered, seed=2)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
@@ -113,20 +112,20 @@ def test_presets_split_and_sharded_equal_fused(name):
 def test_random_programs_split_and_sharded_equal_fused(program):
     lowered = lower(lw.parse(program[0], filename="generated.lw").program)
     _assert_sharded_equals_fused(lowered, seed=3)
-    _assert_materialized_equals_fused(lowered, seed=4)
+    _assert_early_equals_fused(lowered, seed=4)
 
 
-def test_materialize_keeps_values_only_where_it_moves_fewer_bytes():
-    """lamb keeps u (and writes m, v early): 10 arrays instead of 11; lars would
-    move 8 instead of 7, so it recomputes."""
+def test_split_early_only_where_it_moves_fewer_bytes():
+    """lamb writes m, v in the level pass and reads them back: 10 arrays
+    instead of 11; lars's momentum depends on the trust ratio (no early state)."""
     def keep(name):
         lowered = lower(lw.load(name).program)
-        return materialize(lowered.update, _elem(lowered), list(lowered.assigned_states))
+        return split_early(lowered.update, _elem(lowered), list(lowered.assigned_states))
     lamb = keep("lamb")
-    assert (lamb.early, lamb.late, lamb.scratch) == (["m", "v"], [], 1)
+    assert (lamb.early, lamb.late) == (["m", "v"], [])
     assert keep("lars") is None
     paper = keep("lars_lamb_paper")
-    assert paper is not None and paper.scratch == 0 and paper.early == ["m"]
+    assert paper is not None and paper.early == ["m"]
 
 
 CLASH = """optimizer clash
@@ -147,7 +146,7 @@ def test_program_names_never_clash_with_internal_placeholders():
     placeholder names) once broke the graphs or read the wrong value."""
     lowered = lower(lw.parse(CLASH, filename="clash.lw").program)
     _assert_sharded_equals_fused(lowered, seed=5)
-    _assert_materialized_equals_fused(lowered, seed=6)
+    _assert_early_equals_fused(lowered, seed=6)
     w0 = torch.linspace(-1, 1, 7, dtype=torch.float64)
     g = torch.linspace(0.5, 2, 7, dtype=torch.float64)
     p = torch.nn.Parameter(w0.clone())

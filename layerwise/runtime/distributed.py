@@ -4,12 +4,11 @@ Under ``torch.distributed.fsdp.fully_shard`` every parameter, its gradient
 and (here) every elem state is a ``DTensor`` whose rank-local tensor is one
 shard of the whole. Elementwise arithmetic runs on the local shards as is;
 a layer or global reduction must cover the whole parameter, so the
-runtime (``layerwise.runtime``) computes each shard's *partial* (sum of
-squares, sum, or largest absolute value; ``layerwise.split``), and
-:class:`Combiner` combines the partials of every parameter of one level
-with one ``all_gather`` per process group, then adds (or takes the max)
-across ranks locally. One collective per phase, whatever the number of
-parameters; every rank gets bitwise the same values, so the replicated
+runtime computes each shard's *partial* (sum of squares, sum, or largest
+absolute value; ``layerwise.split``), and :class:`Combiner` combines the
+partials of every parameter of one level with one ``all_gather`` per
+process group, then adds (or takes the max) across ranks locally. One collective per
+phase, whatever the number of parameters; every rank gets bitwise the same values, so the replicated
 layer states and watched values stay identical across ranks.
 
 Replicated parameters (plain tensors, as under DDP, or DTensors with only
@@ -19,12 +18,11 @@ no collective at all.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Combiner", "local", "shard_group", "like"]
+__all__ = ["Combiner", "is_dtensor", "local", "shard_group", "like"]
 
 
 def is_dtensor(t) -> bool:
@@ -80,35 +78,37 @@ def like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class Combiner:
-    """Combine partials across ranks for items whose process groups are ``groups``
-    (None: the item is whole on this rank and its partials are final).
+    """Combine per-segment partials across ranks, for the sharded segments of
+    several buckets at once.
 
-    Calling it with each item's partials of one level (lists of 0-d tensors)
-    and how each combines (``"sum"`` or ``"max"``) returns the combined
-    values in the same layout and dtypes, after one ``all_gather`` of a
-    float64 vector per distinct process group. Max propagates NaN.
+    ``shards[b]`` maps each process group to the ``(K,)`` int64 indices of the
+    segments of bucket ``b`` sharded over it (``layerwise.runtime.layout``).
+    Calling it with, per bucket, the ``(P,)`` float64 partials of one level
+    (one vector per reduction) and how each combines (``"sum"`` or
+    ``"max"``) replaces the sharded segments' entries by their totals over
+    the ranks, in place, after one ``all_gather`` per process group,
+    whatever the number of parameters. Max propagates NaN; every rank gets
+    bitwise the same values.
     """
 
-    def __init__(self, groups: Sequence):
-        self.groups = list(groups)
+    def __init__(self, shards: list[dict[object, torch.Tensor]]):
+        self.shards = shards
 
-    def __call__(self, partials: list[list[torch.Tensor]], how: list[str]) -> list[list[torch.Tensor]]:
-        out = [list(p) for p in partials]
-        by_group: dict = {}
-        for j, group in enumerate(self.groups):
-            if group is not None and partials[j]:
-                by_group.setdefault(group, []).append(j)
-        for group, items in by_group.items():
-            mine = torch.stack([v.detach().reshape(()).to(torch.float64)
-                                for j in items for v in partials[j]])
+    def __call__(self, partials: list[list[torch.Tensor]], how: list[str]) -> None:
+        groups = list(dict.fromkeys(g for per_bucket in self.shards for g in per_bucket))
+        for group in groups:
+            pieces = [(idx, x, how[i]) for b, per_bucket in enumerate(self.shards)
+                      if (idx := per_bucket.get(group)) is not None
+                      for i, x in enumerate(partials[b])]
+            if not pieces:
+                continue
+            mine = torch.cat([x[idx] for idx, x, _ in pieces])
             gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(gathered, mine, group=group)
             table = torch.stack(gathered)
             total, largest = table.sum(0), table.amax(0)
             k = 0
-            for j in items:
-                for i, v in enumerate(partials[j]):
-                    value = total[k] if how[i] == "sum" else largest[k]
-                    out[j][i] = value.to(v.dtype)
-                    k += 1
-        return out
+            for idx, x, kind in pieces:
+                n = idx.numel()
+                x[idx] = (total if kind == "sum" else largest)[k:k + n]
+                k += n

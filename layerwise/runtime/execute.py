@@ -1,0 +1,110 @@
+"""Run one flat pass over a bucket: compiled (one call) or eagerly (in blocks).
+
+Both paths run the same two graphs of a :class:`~.flatten.FlatPass` through
+the same function (:func:`pass_function`): the vec graph on ``(P,)``
+vectors, a gather of its bridges to ``(nchunks, 1)``, then the elem graph
+on the ``(nchunks, C)`` buffers.
+
+* Compiled: the function goes through ``torch.compile`` once per program
+  and pass (its own code object, so programs never share dynamo's
+  recompile budget) with ``fullgraph=True`` and static shapes except the
+  numbers of chunks and segments, which are marked dynamic on every call:
+  one graph serves every model, and the chunk length C stays a constant
+  that the generated loops are specialised to. Inductor fuses the writes
+  into the loop that computes them; an early write read back by a
+  reduction (``layerwise.split.split_early``) shares its loop.
+* Eager: the elem graph runs on blocks of :data:`EAGER_BLOCK` chunks on the
+  CPU (its temporaries stay in cache and are reused by the allocator
+  instead of being mapped afresh), on the whole buffers elsewhere.
+
+A call returns the pass's partials, ``(nchunks,)`` tensors of the compute
+dtype, and its per-parameter outputs.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable, Sequence
+
+import torch
+
+from . import flat_ops
+from .flatten import FlatPass
+
+__all__ = ["pass_function", "EAGER_BLOCK"]
+
+#: Chunks per block of the eager path on the CPU (256K elements at C = 256).
+EAGER_BLOCK = 1024
+
+
+def _body(flat: FlatPass, blocked: bool) -> Callable:
+    vec_graph, elem_graph = flat.vec, flat.elem
+    nb, nw, npart = flat.bridges, len(flat.vec_writes), len(flat.partials)
+    ref = flat.vec_inputs.index("numel")
+    has_elem = bool(next(n for n in elem_graph.graph.nodes if n.op == "output").args[0])
+
+    def run_pass(elem_in: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor],
+                 vec_in: Sequence[torch.Tensor], vec_dsts: Sequence[torch.Tensor],
+                 seg: torch.Tensor, valid: torch.Tensor, active: torch.Tensor):
+        dtype = vec_in[ref].dtype
+        vals = vec_graph(*vec_in)
+        bridges = [flat_ops.gather(v, seg) for v in vals[:nb]]
+        act = flat_ops.gather(active, seg)
+        for dst, v in zip(vec_dsts, vals[nb:nb + nw]):
+            flat_ops.write_vec(dst, v, active)
+        if not has_elem:
+            return [], list(vals[nb + nw:])
+        if not blocked or seg.device.type != "cpu":
+            outs = elem_graph(*[x.to(dtype) for x in elem_in], *dsts, *bridges, valid, act)
+            return list(outs[:npart]), list(vals[nb + nw:])
+        n = seg.shape[0]
+        parts = []
+        for s in range(0, n, EAGER_BLOCK):
+            e = min(n, s + EAGER_BLOCK)
+            outs = elem_graph(*[x[s:e].to(dtype) for x in elem_in], *[x[s:e] for x in dsts],
+                              *[b[s:e] if b.dim() else b for b in bridges], valid[s:e],
+                              act[s:e])
+            parts.append(outs[:npart])
+        partials = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)] \
+            if npart else []
+        return partials, list(vals[nb + nw:])
+
+    return run_pass
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` with a new code object, so dynamo caches it separately."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def _mark(tensors: Sequence[torch.Tensor]) -> None:
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            torch._dynamo.mark_dynamic(x, 0)
+
+
+def pass_function(flat: FlatPass, compile: bool, name: str) -> Callable:
+    """The callable running ``flat``: ``fn(elem_in, dsts, vec_in, vec_dsts, seg,
+    valid, active) -> (partials, per-parameter outputs)``.
+
+    ``elem_in``: the ``(nchunks, C)`` buffers named by ``flat.elem_inputs``
+    (any float dtype; converted to the compute dtype, that of ``vec_in``);
+    ``dsts``: the buffers named by ``flat.dsts``; ``vec_in``: ``(P,)`` vectors
+    (or 0-d globals) named by ``flat.vec_inputs``; ``vec_dsts``: the layer
+    state vectors named by ``flat.vec_writes``; ``seg`` ``(nchunks,)`` int64;
+    ``valid`` ``(nchunks, 1)`` int64; ``active`` ``(P,)`` bool.
+    """
+    if not compile:
+        return _body(flat, blocked=True)
+    compiled = torch.compile(_own_code(_body(flat, blocked=False), name), dynamic=False,
+                             fullgraph=True)
+
+    def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active):
+        _mark(elem_in)
+        _mark(dsts)
+        _mark(vec_in)
+        _mark(vec_dsts)
+        _mark((seg, valid, active))
+        return compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active)
+
+    return run_compiled

@@ -1,0 +1,259 @@
+"""The segmented flat layout: every parameter of a bucket in one set of buffers.
+
+A bucket holds the parameters of one optimizer that share a dtype and a
+device. Each parameter ("slot", "segment") owns ``ceil(numel / C)`` rows
+("chunks") of ``(nchunks, C)`` buffers: ``W`` (parameters, their dtype),
+``G`` (gradients), one per elem state (compute dtype); its last chunk ends
+in padding, so that a chunk belongs to one parameter. Per-parameter values
+are ``(P,)`` vectors: ``T`` (the step count ``t``), ``NUMEL``, one per
+layer state and per hyperparameter. ``seg`` maps chunks to segments and
+``valid`` counts each chunk's real elements (``layerwise.runtime.flat_ops``).
+A dummy segment at the end keeps ``P >= 2``, ``nchunks >= 2`` and
+``P != nchunks``, so that compiled graphs never specialise on a size.
+
+Each slot's element order is its parameter's memory order: a slot is a
+strided view of its rows with the parameter's own strides when the
+parameter is non-overlapping and dense (contiguous, transposed,
+channels_last, ...), and row-major otherwise. Gradients and states are
+views with the same strides, so elementwise arithmetic pairs the right
+elements whatever the layouts, and ``state[p]["m"]`` has ``p``'s layout
+(as ``torch.zeros_like(p, memory_format=torch.preserve_format)``).
+
+What it does to the user's tensors (README, "What layerwise does to your
+tensors"):
+
+* A parameter is *adopted* when it owns its storage alone (dense, not
+  shared with any other tensor, not shared memory, not sharded): its
+  ``.data`` becomes its view of ``W``, with the same values, shape and
+  strides, so the step reads and writes it in place. Any other parameter is
+  *packed*: copied into ``W`` before the step and back after it, so views
+  of it and tensors sharing its storage see the update as with
+  ``torch.optim``.
+* A gradient that is not the slot's view of ``G`` is copied into ``G``;
+  the parameter's ``.grad`` then becomes that view (same values), so a
+  loop that zeroes gradients in place, or accumulates into them, costs no
+  copy. A view handed out this way is never written again by the
+  optimizer while anyone else holds it (:meth:`Bucket.grad_buffer_free`).
+* Every step checks that adopted parameters still are their views (their
+  ``data_ptr``, shape and strides) and gradients theirs: ``.data =``,
+  ``load_state_dict(assign=True)`` with swapped tensors, ``model.to()``,
+  ``zero_grad(set_to_none=True)`` and a new ``.grad`` are all detected,
+  and the new tensors are copied in (and re-adopted when they qualify).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import local
+
+__all__ = ["CHUNK", "Slot", "Bucket", "dense", "compute_dtype"]
+
+#: Elements per chunk. Parameters are padded to a multiple of it; BERT's 768
+#: and 3072 and most convolution sizes are multiples.
+CHUNK = 256
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype states and the update use for a parameter of ``dtype``.
+
+    float32 and float64 parameters compute in their own dtype; bfloat16 and
+    float16 parameters in float32 (LANGUAGE.md section 8).
+    """
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive memory slots
+    (non-overlapping and dense: contiguous, transposed, channels_last, ...)."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the only tensor using its storage and fills it exactly."""
+    if t.numel() == 0 or not dense(t) or t.storage_offset() != 0:
+        return False
+    storage = t.untyped_storage()
+    # the count includes ``storage`` itself: 2 means no other tensor holds it
+    return (storage.nbytes() == t.numel() * t.element_size() and not storage.is_shared()
+            and torch._C._storage_Use_Count(storage._cdata) == 2)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One parameter's place in a bucket (``index`` is its segment)."""
+    param: torch.Tensor
+    name: str
+    index: int
+    chunk0: int
+    nchunks: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    group: object = None            # process group of a sharded parameter
+    adopted: bool = False
+    w: torch.Tensor | None = None   # views of the buffers with the slot's geometry
+    g: torch.Tensor | None = None
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    entries: dict | None = None     # the dict optimizer.state[p] is, when it holds our views
+    entry_values: dict = field(default_factory=dict)  # the views it should hold
+    ptr: int = 0                    # W's address of the slot (an adopted param's data_ptr)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Bucket:
+    """The flat buffers and slots of parameters sharing a dtype and device.
+
+    Args:
+        members: ``(param, name, process group or None)`` per parameter;
+            ``param`` may be a DTensor (its local shard is laid out).
+        state_names, layer_states: the program's states and which are
+            layer (one number per parameter) rather than elem states.
+        hyper_count: number of hyperparameters (rows of ``H``).
+        chunk: elements per chunk.
+    """
+
+    def __init__(self, members: list[tuple[torch.Tensor, str, object]],
+                 state_names: tuple[str, ...], layer_states: tuple[bool, ...],
+                 hyper_count: int, chunk: int = CHUNK):
+        first = local(members[0][0])
+        self.dtype, self.device = first.dtype, first.device
+        self.cdtype = compute_dtype(self.dtype)
+        self.chunk = chunk
+        self.slots: list[Slot] = []
+        c0 = 0
+        for i, (p, name, group) in enumerate(members):
+            lp = local(p)
+            n = lp.numel()
+            shape = tuple(lp.shape)
+            stride = tuple(lp.stride()) if dense(lp) and group is None and n > 1 \
+                else _contiguous_strides(shape)
+            k = -(-n // chunk)
+            self.slots.append(Slot(p, name, i, c0, k, shape, stride, group))
+            c0 += k
+        P, NC = len(self.slots) + 1, c0 + 1            # the dummy segment owns >= 1 chunk
+        while NC < 2 or NC == P:
+            NC += 1
+        self.P, self.nchunks = P, NC
+        dev, cd = self.device, self.cdtype
+        counts = torch.tensor([s.nchunks for s in self.slots] + [NC - c0], dtype=torch.int64)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(dev)
+        self.seg = torch.repeat_interleave(torch.arange(P), counts).to(dev)
+        valid = torch.full((NC,), chunk, dtype=torch.int64)
+        for s in self.slots:
+            if s.nchunks:
+                valid[s.chunk0 + s.nchunks - 1] = s.numel - (s.nchunks - 1) * chunk
+        valid[c0:] = 0
+        self.valid = valid.unsqueeze(1).to(dev)
+        self.W = torch.zeros(NC, chunk, dtype=self.dtype, device=dev)
+        self.G = torch.zeros(NC, chunk, dtype=self.dtype, device=dev)
+        self.S = {n: torch.zeros(NC, chunk, dtype=cd, device=dev)
+                  for n, layer in zip(state_names, layer_states) if not layer}
+        self.L = {n: torch.zeros(P, dtype=cd, device=dev)
+                  for n, layer in zip(state_names, layer_states) if layer}
+        self.T = torch.zeros(P, dtype=cd, device=dev)
+        self.NUMEL = torch.tensor([float(p.numel()) for p, _, _ in members] + [0.0],
+                                  dtype=cd, device=dev)
+        self.H = torch.zeros(hyper_count, P, dtype=cd, device=dev)
+        self.hyper_key: object = None
+        self.active = torch.zeros(P, dtype=torch.bool, device=dev)
+        self.active_key: tuple = ()
+        for s in self.slots:
+            s.w = self._view(self.W, s)
+            s.g = self._view(self.G, s)
+            s.ptr = s.w.data_ptr() if s.numel else 0
+            s.states = {n: self._view(buf, s) for n, buf in self.S.items()}
+            s.states.update({n: vec[s.index] for n, vec in self.L.items()})
+            s.states["step"] = self.T[s.index]
+        self._g_users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
+        self.grads_exposed = False
+        by_group: dict[object, list[int]] = {}
+        for s in self.slots:
+            if s.group is not None:
+                by_group.setdefault(s.group, []).append(s.index)
+        self._shards = {g: torch.tensor(ix, dtype=torch.int64, device=dev)
+                        for g, ix in by_group.items()}
+
+    def shards(self) -> dict[object, torch.Tensor]:
+        """The segments of sharded parameters, per process group (``(K,)`` int64)."""
+        return self._shards
+
+    def _view(self, buf: torch.Tensor, s: Slot) -> torch.Tensor:
+        return torch.as_strided(buf, s.shape, s.stride, buf.storage_offset() + s.chunk0 * self.chunk)
+
+    # ------------------------------------------------------------ parameters
+    def adopt(self, s: Slot) -> bool:
+        """Make ``s``'s parameter its view of ``W`` if it owns its storage alone
+        (copying its values); returns whether it did. Changes no value."""
+        p = s.param
+        if s.group is not None:
+            return False
+        if tuple(p.stride()) != s.stride or not owns_storage(p):
+            return False
+        with torch.no_grad():
+            s.w.copy_(p)
+            p.data = s.w
+        s.adopted = True
+        return True
+
+    def is_adopted_view(self, s: Slot) -> bool:
+        """Whether ``s``'s parameter still is its view of ``W``."""
+        p = s.param
+        return p.data_ptr() == s.ptr and p.shape == s.shape and p.stride() == s.stride
+
+    # ------------------------------------------------------------ gradients
+    def grad_buffer_free(self, slots: list[Slot]) -> bool:
+        """Whether the gradient views of ``slots`` may be overwritten: no tensor
+        outside this bucket views ``G`` (beyond the ``.grad`` handed out), and
+        nobody holds one of these slots' views after it stopped being a
+        ``.grad``."""
+        if not self.grads_exposed:
+            return True
+        users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
+        if users != self._g_users:
+            return False
+        return all(sys.getrefcount(s.g) <= 2 for s in slots)
+
+    def fresh_grad_buffer(self) -> None:
+        """Give ``G`` new memory (the old views stay with whoever holds them),
+        keeping the gradients that still are this bucket's views."""
+        old = [(s, s.g) for s in self.slots]
+        self.G = torch.zeros_like(self.G)
+        for s, g_old in old:
+            s.g = self._view(self.G, s)
+            p = s.param
+            if p.grad is g_old:
+                s.g.copy_(g_old)
+                p.grad = s.g
+        self._g_users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
+
+    def state_entries(self, s: Slot, like) -> dict[str, torch.Tensor]:
+        """The tensors ``optimizer.state[p]`` holds for ``s``: views of the
+        buffers (elem states laid out like the parameter through ``like``)."""
+        out = {"step": s.states["step"]}
+        for n, v in s.states.items():
+            if n != "step":
+                out[n] = like(v, s.param) if n in self.S else v
+        return out

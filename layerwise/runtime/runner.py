@@ -1,0 +1,120 @@
+"""Run a program's procedures over buckets of parameters: the step of the runtime.
+
+:class:`Runner` holds the flat passes of one lowered program
+(``layerwise.runtime.procedure``) as callables, eager or compiled
+(``layerwise.runtime.execute``), and runs a procedure over every bucket
+(``layerwise.runtime.layout``) level by level: each level pass returns
+per-chunk partials, which are added up per parameter with
+``torch.segment_reduce`` in float64 (deterministic, a fixed order) and, for
+sharded parameters, combined across ranks with one collective per level
+for all buckets (``layerwise.runtime.distributed``). The final pass writes
+the buffers and returns per-parameter outputs.
+
+Per step and bucket this is a constant number of calls (one per pass, plus
+a few small ops on ``(P,)`` vectors), whatever the number of parameters;
+nothing waits on the host: step counts, hyperparameters and partials stay
+on the parameters' device.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..check import CheckedProgram
+from ..lower import Lowered, finish_globals, lower
+from .distributed import Combiner
+from .execute import pass_function
+from .layout import CHUNK, Bucket
+from .procedure import Pass, Procedure, procedures
+
+__all__ = ["Runner", "runner_for"]
+
+
+class Runner:
+    """The passes of one lowered program, eager (``compile=False``) or compiled.
+
+    An *environment* maps the names of a procedure's per-parameter inputs to
+    ``(P,)`` vectors (or 0-d globals) of one bucket: ``t`` (this step's step
+    count), ``numel``, each hyper, each layer state, each global value.
+    """
+
+    def __init__(self, lowered: Lowered, compile: bool):
+        self.lowered = lowered
+        self.compiled = compile
+        self.procs = procedures(lowered, CHUNK)
+        name = lowered.program.name
+        self._fns = {}
+        for pname, proc in self.procs.items():
+            for k, p in enumerate([*proc.levels, proc.final]):
+                # init runs once per parameter: always eager, never compiled
+                self._fns[id(p)] = pass_function(p.flat, compile and pname != "init",
+                                                 f"{name}_{pname}_{k}")
+
+    def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor):
+        f = p.flat
+        buffers = {"w": bucket.W, "g": bucket.G, **bucket.S}
+        vec = [reds[p.reads[n]] if n in p.reads else env[n] for n in f.vec_inputs]
+        return self._fns[id(p)]([buffers[n] for n in f.elem_inputs],
+                                [buffers[n] for n in f.dsts], vec,
+                                [bucket.L[n] for n in f.vec_writes],
+                                bucket.seg, bucket.valid, active)
+
+    def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
+            actives: Sequence[torch.Tensor], combine: Combiner | None):
+        """Run procedure ``name`` over ``buckets`` (segments where ``actives``
+        is True are written); returns, per bucket, the final pass's partials
+        (``(P,)`` float64, combined) and per-parameter outputs."""
+        proc: Procedure = self.procs[name]
+        reds = [[None] * proc.reductions for _ in buckets]
+        for lv in proc.levels:
+            per_bucket = [self._reduce(b, lv, self._call(lv, b, env, r, a)[0], lv.flat.partials)
+                          for b, env, r, a in zip(buckets, envs, reds, actives)]
+            if combine is not None:
+                combine(per_bucket, list(lv.flat.partials))
+            for b, r, values in zip(buckets, reds, per_bucket):
+                for i, v in zip(lv.computes, values):
+                    r[i] = v.to(b.cdtype)
+        out = []
+        for b, env, r, a in zip(buckets, envs, reds, actives):
+            partials, vec = self._call(proc.final, b, env, r, a)
+            out.append((self._reduce(b, proc.final, partials, proc.final.flat.partials), vec))
+        if combine is not None and proc.final.flat.partials:
+            combine([p for p, _ in out], list(proc.final.flat.partials))
+        return out
+
+    @staticmethod
+    def _reduce(b: Bucket, p: Pass, chunk_partials, how) -> list[torch.Tensor]:
+        return [torch.segment_reduce(x.to(torch.float64), "sum" if kind == "sum" else "max",
+                                     offsets=b.offsets, initial=0.0)
+                for x, kind in zip(chunk_partials, how)]
+
+    def globals(self, buckets: Sequence[Bucket], envs: Sequence[dict],
+                actives: Sequence[torch.Tensor], combine: Combiner | None) -> list[torch.Tensor]:
+        """This step's global values (0-d float64, on the first bucket's device):
+        every parameter's shares of each ``global_norm`` / ``global_sum``,
+        added over the active parameters, finished (``sqrt`` for norms)."""
+        out = self.run("reduce", buckets, envs, actives, combine)
+        device = buckets[0].device
+        totals = []
+        for i in range(len(self.lowered.globals)):
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for b, (_, shares), a in zip(buckets, out, actives):
+                # shares are whole-parameter values (sharded partials were
+                # combined by the level passes), the same on every rank
+                share = torch.as_tensor(shares[i], dtype=torch.float64, device=b.device)
+                total = total + torch.where(a, share, 0).sum().to(device)
+            totals.append(total)
+        return finish_globals(self.lowered, totals)
+
+
+_CACHE: dict[tuple[CheckedProgram, bool], Runner] = {}
+
+
+def runner_for(program: CheckedProgram, compile: bool) -> Runner:
+    """The (cached) runner of ``program``: compiled once per program, not per optimizer."""
+    key = (program, compile)
+    runner = _CACHE.get(key)
+    if runner is None:
+        runner = _CACHE[key] = Runner(lower(program), compile)
+    return runner
