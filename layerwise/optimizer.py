@@ -14,11 +14,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .rules import rule_overrides
-from .runtime.buckets import BucketSet, Work
-from .runtime.distributed import Combiner, is_dtensor, shard_group
+from .runtime.buckets import BucketSet
+from .runtime.distributed import Combiner
 from .runtime.layout import compute_dtype
 from .runtime.runner import Runner, runner_for
-from .runtime.validate import check_grad, check_param, check_state_entry
+from .runtime.validate import check_param, check_state_entry
 from .spec import Spec, load
 
 __all__ = ["Optimizer"]
@@ -164,13 +164,13 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect()
-        if not any(w.active for w in work):
-            return loss
+        self._check_groups()
         bs = self._buckets
-        if bs.members_changed(work, self.state):
-            bs.rebuild(work, self.state)
-        prepared = bs.prepare(work, self.state)
+        scan = bs.scan(self.param_groups, self._overrides, self.state, self._param_name,
+                       self._check_entries)
+        if not scan.active:
+            return loss
+        prepared = bs.apply(scan, self.state)
         buckets = [b for b, _ in prepared]
         shards = [b.shards() for b in buckets]
         combine = Combiner(shards) if any(shards) else None
@@ -208,53 +208,20 @@ class Optimizer(torch.optim.Optimizer):
             env["t"] = t
         return env
 
-    def _collect(self) -> list[Work]:
-        """Validate everything and describe every parameter (changes nothing)."""
-        names = self.program.hyper_names
-        work = []
-        flat = -1
-        lowered = self._runner.lowered
-        kinds = dict(zip(lowered.state_names, lowered.layer_states))
+    def _check_groups(self) -> None:
+        """Every group's hyper values within their ranges (changes nothing)."""
         for gi, group in enumerate(self.param_groups):
-            for k in names:
+            for k in self.program.hyper_names:
                 h = self.program.hyper(k)
                 if not h.admits(float(group[k])):
                     raise ValueError(f"param group {gi}: {k}={group[k]!r} is outside its range "
                                      f"{h.range}")
-            values = tuple(float(group[k]) for k in names)
-            merged: dict[int, tuple] = {}
-            overrides = self._overrides[gi] if gi < len(self._overrides) else []
-            for pi, p in enumerate(group["params"]):
-                flat += 1
-                name = self._param_name(gi, pi, flat)
-                g = p.grad
-                found = self._buckets.slot_of.get(p)
-                ours = found is not None and found[1].adopted and \
-                    found[0].is_adopted_view(found[1])
-                if (g is not None or found is not None) and not ours:
-                    check_param(p, name)
-                if g is not None and (found is None or g is not found[1].g):
-                    check_grad(p, g, name)
-                if found is not None and tuple(found[1].shape) != tuple(_local_shape(p)):
-                    raise ValueError(f"parameter {name} has shape {tuple(p.shape)}, but its "
-                                     f"state was made for shape {found[1].shape}; give the "
-                                     "optimizer a parameter of the same shape")
-                entries = self.state.get(p)
-                if entries and (found is None or entries is not found[1].entries
-                                or not self._buckets._intact(found[1], entries)):
-                    self._check_entries(p, entries, kinds, name)
-                ov = overrides[pi] if pi < len(overrides) else {}
-                hv = values
-                if ov:
-                    hv = merged.get(id(ov))
-                    if hv is None:
-                        hv = merged[id(ov)] = tuple(float(ov.get(k, group[k])) for k in names)
-                work.append(Work(p, name, shard_group(p, name) if is_dtensor(p) else None, hv,
-                                 g is not None))
-        return work
 
-    @staticmethod
-    def _check_entries(p: torch.Tensor, entries: dict, kinds: dict[str, bool], where: str):
+    def _check_entries(self, p: torch.Tensor, entries: dict, where: str) -> None:
+        """A state dict for ``p`` (loaded, or assigned by the user) must have
+        exactly this program's keys, each fitting (``validate.check_state_entry``)."""
+        lowered = self._runner.lowered
+        kinds = dict(zip(lowered.state_names, lowered.layer_states))
         expected = {"step", *kinds}
         unknown = sorted(set(entries) - expected)
         missing = sorted(expected - set(entries))
@@ -309,15 +276,13 @@ class Optimizer(torch.optim.Optimizer):
         """
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [p for g in self.param_groups for p in g["params"]]
-        lowered = self._runner.lowered
-        kinds = dict(zip(lowered.state_names, lowered.layer_states))
         if len(saved) != len(mine):
             raise ValueError(f"the state dict has {len(saved)} parameters, this optimizer "
                              f"{len(mine)}")
         for index, (sid, p) in enumerate(zip(saved, mine)):
             entry = state_dict["state"].get(sid)
             if entry:
-                self._check_entries(p, entry, kinds, str(index))
+                self._check_entries(p, entry, str(index))
         super().load_state_dict(state_dict)
         self.watched = {n: {} for n in self.program.watches}
         for sid, p in zip(saved, mine):
@@ -329,6 +294,3 @@ class Optimizer(torch.optim.Optimizer):
                                  if isinstance(v, torch.Tensor) else v)
                              for k, v in entry.items()}
 
-
-def _local_shape(p: torch.Tensor):
-    return p.to_local().shape if is_dtensor(p) else p.shape

@@ -2,39 +2,60 @@
 
 :class:`BucketSet` decides, every step, which parameters are members of
 which bucket (``layerwise.runtime.layout``): every parameter that has a
-gradient now or state from before, grouped by dtype and device. It builds
-a bucket again when its members change (moving their state into the new
-buffers) and, before each step, makes the buffers hold what the user's
-tensors hold: re-adopts or copies in parameters that left their views,
-copies in gradients that are not the buffers' views, copies in state
-tensors the user replaced (``opt.state[p]["m"] = ...``,
-``load_state_dict``), and fills the per-parameter vectors (hypers, the
-active mask). After the step it copies packed parameters back.
+gradient now or state from before, grouped by dtype and device. Each step
+has two phases:
 
-Nothing here validates: the optimizer checks everything first
-(``layerwise.optimizer``), so these changes only run on input that fits.
+* :meth:`BucketSet.scan` checks everything (``layerwise.runtime.validate``)
+  and notes, on the slots, what this step must do; it changes nothing the
+  user owns, so a step that raises leaves everything as it was;
+* :meth:`BucketSet.apply` builds buckets again when members join or change
+  dtype or device (moving their state into the new buffers) and makes the
+  buffers hold what the user's tensors hold: re-adopts or copies in
+  parameters that left their views, copies in gradients that are not the
+  buffers' views and state tensors the user replaced
+  (``opt.state[p]["m"] = ...``, ``load_state_dict``), and fills the
+  per-parameter vectors (hypers, the active mask).
+
+After the step, :meth:`BucketSet.finish` copies packed parameters back.
+In the steady state (every parameter still its view, gradients in place or
+fresh, state untouched, hypers unchanged) the per-parameter work is a few
+attribute reads: the rest is per bucket.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from .distributed import like, local
-from .layout import Bucket, Slot, compute_dtype
+from .distributed import is_dtensor, like, local, shard_group
+from .layout import Bucket, Slot
+from .validate import check_grad, check_param
 
-__all__ = ["Work", "BucketSet"]
+__all__ = ["Member", "Scan", "BucketSet"]
 
 
 @dataclass(eq=False)
-class Work:
-    """One parameter of this step: its name, process group (sharded), hyper
-    values (after rules and groups) and whether it has a gradient."""
+class Member:
+    """A parameter joining a bucket: its name, process group (sharded), param
+    group and ``for``-rule overrides."""
     param: torch.Tensor
     name: str
     group: object
-    hypers: tuple[float, ...]
-    active: bool
+    gi: int
+    overrides: dict
+
+
+@dataclass
+class Scan:
+    """What :meth:`BucketSet.scan` found: the step's number, hyper values per
+    param group, the parameters that join, and whether to lay out again."""
+    stamp: int
+    group_values: tuple
+    joining: list[Member] = field(default_factory=list)
+    relayout: bool = False
+    active: bool = False
 
 
 def bucket_key(p: torch.Tensor) -> tuple:
@@ -52,74 +73,116 @@ class BucketSet:
         self.hyper_names = hyper_names
         self.buckets: dict[tuple, Bucket] = {}
         self.slot_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
+        self._stamp = 0
 
-    # ------------------------------------------------------------ membership
-    def members_changed(self, work: list[Work], state: dict) -> bool:
-        """Whether a bucket must be built again: a parameter joins (first
-        gradient, or loaded state) or changed dtype, device or shape."""
-        for w in work:
-            found = self.slot_of.get(w.param)
-            if found is None:
-                if w.active or state.get(w.param):
-                    return True
-                continue
-            bucket, slot = found
-            lp = local(w.param)
-            if (lp.dtype, lp.device) != (bucket.dtype, bucket.device) or \
-                    tuple(lp.shape) != slot.shape:
-                return True
-        return False
+    # ------------------------------------------------------------ scan
+    def scan(self, param_groups: list[dict], overrides: list[list[dict]], state: dict,
+             name_of: Callable[[int, int, int], str],
+             check_entries: Callable[[torch.Tensor, dict, str], None]) -> Scan:
+        """Check every parameter, gradient and state entry; note on each slot
+        this step's gradient and what must be copied in. Changes nothing the
+        user owns.
 
-    def rebuild(self, work: list[Work], state: dict) -> None:
-        """Lay out every member again, keeping each one's state (converted to
-        its new compute dtype and device) and adopting what can be adopted."""
-        groups: dict[tuple, list[Work]] = {}
-        for w in work:
-            if w.param in self.slot_of or w.active or state.get(w.param):
-                groups.setdefault(bucket_key(w.param), []).append(w)
-        old = self.slot_of
-        self.buckets, self.slot_of = {}, {}
-        for key, members in groups.items():
-            b = Bucket([(w.param, w.name, w.group) for w in members], self.state_names,
-                       self.layer_states, len(self.hyper_names))
-            self.buckets[key] = b
-            for slot in b.slots:
-                self.slot_of[slot.param] = (b, slot)
-                previous = old.get(slot.param)
-                entries = state.get(slot.param)
-                if previous is not None and entries is previous[1].entries:
-                    self._copy_state(slot, entries)          # ours: carry it over
-                    self._install(b, slot, state)
-                b.adopt(slot)
+        ``name_of(gi, pi, flat)`` names a parameter for messages;
+        ``check_entries(p, entries, name)`` validates a state dict that is
+        not this runtime's own views.
 
-    # ------------------------------------------------------------ per step
-    def prepare(self, work: list[Work], state: dict) -> list[tuple[Bucket, torch.Tensor]]:
-        """Make the buffers hold this step's parameters, gradients and state;
-        returns, per bucket, the mask of parameters whose state must be
-        initialised now (``(P,)`` bool, or None)."""
-        per_bucket: dict[Bucket, list[Work]] = {b: [] for b in self.buckets.values()}
-        for w in work:
-            found = self.slot_of.get(w.param)
-            if found is not None:
-                per_bucket[found[0]].append(w)
+        Raises:
+            ValueError: from ``layerwise.runtime.validate`` (naming the
+                parameter), or a parameter whose shape changed since its
+                state was created.
+        """
+        self._stamp += 1
+        scan = Scan(self._stamp, tuple(tuple(float(g[k]) for k in self.hyper_names)
+                                       for g in param_groups))
+        flat = -1
+        for gi, group in enumerate(param_groups):
+            ovs = overrides[gi] if gi < len(overrides) else []
+            for pi, p in enumerate(group["params"]):
+                flat += 1
+                g = p.grad
+                ov = ovs[pi] if pi < len(ovs) else {}
+                found = self.slot_of.get(p)
+                if found is None:
+                    entries = state.get(p)
+                    if g is None and not entries:
+                        continue
+                    name = name_of(gi, pi, flat)
+                    check_param(p, name)
+                    if g is not None:
+                        check_grad(p, g, name)
+                    if entries:
+                        check_entries(p, entries, name)
+                    scan.joining.append(Member(p, name, shard_group(p, name)
+                                               if is_dtensor(p) else None, gi, ov))
+                    scan.active |= g is not None
+                    continue
+                b, slot = found
+                slot.stamp, slot.grad_now = scan.stamp, g
+                scan.active |= g is not None
+                if slot.gi != gi or slot.overrides is not ov:
+                    slot.gi, slot.overrides, b.hyper_key = gi, ov, None
+                if not (slot.adopted and p.data_ptr() == slot.ptr and p.shape == slot.shape):
+                    name = name_of(gi, pi, flat)
+                    check_param(p, name)
+                    lp = local(p)
+                    if tuple(lp.shape) != slot.shape:
+                        raise ValueError(f"parameter {name} has shape {tuple(p.shape)}, but "
+                                         f"its state was made for shape {tuple(slot.param_shape)};"
+                                         " give the optimizer a parameter of the same shape")
+                    slot.moved = True
+                    if (lp.dtype, lp.device) != (b.dtype, b.device):
+                        scan.relayout = True
+                if g is not None and g is not slot.g:
+                    check_grad(p, g, name_of(gi, pi, flat))
+                entries = state.get(p)
+                if entries is not slot.entries or (entries is not None
+                                                   and not self._intact(slot, entries)):
+                    if entries:
+                        check_entries(p, entries, name_of(gi, pi, flat))
+                    slot.foreign = True
+        return scan
+
+    @staticmethod
+    def _intact(slot: Slot, entries: dict) -> bool:
+        return len(entries) == len(slot.entry_values) and \
+            all(map(operator.is_, entries.values(), slot.entry_values))
+
+    # ------------------------------------------------------------ apply
+    def apply(self, scan: Scan, state: dict) -> list[tuple[Bucket, torch.Tensor | None]]:
+        """Make the buffers hold this step's parameters, gradients and state
+        (after :meth:`scan` passed); returns, per bucket, the mask of
+        parameters whose state must be initialised now (``(P,)`` bool on the
+        bucket's device, or None)."""
+        if scan.joining or scan.relayout:
+            self._relayout(scan, state)
         out = []
-        for b, items in per_bucket.items():
-            by_slot = {self.slot_of[w.param][1]: w for w in items}
-            init = []
+        for b in self.buckets.values():
+            init, fresh, flags = [], [], []
             for slot in b.slots:
-                w = by_slot.get(slot)
-                entries = state.get(slot.param)
-                if not entries:
-                    if w is not None and w.active:
-                        init.append(slot.index)
-                elif entries is not slot.entries or not self._intact(slot, entries):
-                    self._copy_state(slot, entries)
-                    self._install(b, slot, state)
-                if w is not None and w.active:
+                active = slot.stamp == scan.stamp and slot.grad_now is not None
+                flags.append(active)
+                if slot.foreign:
+                    entries = state.get(slot.param)
+                    if entries:
+                        self._copy_state(slot, entries)
+                        self._install(b, slot, state)
+                    else:
+                        slot.entries, slot.entry_values = entries, []
+                    slot.foreign = False
+                if not active:
+                    continue
+                if not slot.entry_values:
+                    init.append(slot.index)
+                if slot.moved:
                     self._sync_param(b, slot)
-            self._sync_grads(b, [s for s in b.slots if by_slot.get(s) and by_slot[s].active])
-            self._set_hypers(b, [by_slot[s].hypers if s in by_slot else None for s in b.slots])
-            self._set_active(b, [bool(s in by_slot and by_slot[s].active) for s in b.slots])
+                elif not slot.adopted and slot.numel:
+                    slot.w.copy_(local(slot.param))
+                if slot.grad_now is not slot.g and slot.numel:
+                    fresh.append(slot)
+            self._copy_grads(b, fresh)
+            self._set_hypers(b, scan.group_values)
+            self._set_active(b, tuple(flags))
             mask = None
             if init:
                 mask = torch.zeros(b.P, dtype=torch.bool)
@@ -129,6 +192,35 @@ class BucketSet:
                     self._install(b, b.slots[i], state)
             out.append((b, mask))
         return out
+
+    def _relayout(self, scan: Scan, state: dict) -> None:
+        """Lay out every member again (joining ones included), keeping each
+        one's state (converted to its new compute dtype and device) and
+        adopting what can be adopted."""
+        members: dict[tuple, list[tuple[Member, Slot | None]]] = {}
+        for _, slot in self.slot_of.values():
+            m = Member(slot.param, slot.name, slot.group, slot.gi, slot.overrides)
+            members.setdefault(bucket_key(slot.param), []).append((m, slot))
+        for m in scan.joining:
+            members.setdefault(bucket_key(m.param), []).append((m, None))
+        self.buckets, self.slot_of = {}, {}
+        for key, items in members.items():
+            b = Bucket([(m.param, m.name, m.group) for m, _ in items], self.state_names,
+                       self.layer_states, len(self.hyper_names))
+            self.buckets[key] = b
+            for slot, (m, old) in zip(b.slots, items):
+                self.slot_of[slot.param] = (b, slot)
+                slot.gi, slot.overrides = m.gi, m.overrides
+                slot.stamp = scan.stamp if old is None else old.stamp
+                slot.grad_now = slot.param.grad if old is None else old.grad_now
+                entries = state.get(slot.param)
+                if old is not None and entries and entries is old.entries and \
+                        self._intact(old, entries):
+                    self._copy_state(slot, entries)          # ours: carry it over
+                    self._install(b, slot, state)
+                else:
+                    slot.foreign = bool(entries)
+                b.adopt(slot)
 
     def finish(self) -> None:
         """After the step: copy packed parameters back, bump the version of
@@ -161,61 +253,57 @@ class BucketSet:
         entries.clear()
         entries.update(b.state_entries(slot, like))
         state[slot.param] = slot.entries = entries
-        slot.entry_values = dict(entries)
+        slot.entry_values = list(entries.values())
 
     @staticmethod
-    def _intact(slot: Slot, entries: dict) -> bool:
-        values = slot.entry_values
-        return len(entries) == len(values) and all(entries.get(k) is v for k, v in values.items())
-
-    def _copy_state(self, slot: Slot, entries: dict) -> None:
+    def _copy_state(slot: Slot, entries: dict) -> None:
         for k, view in slot.states.items():
             value = entries[k]
             if isinstance(value, torch.Tensor):
                 value = local(value)
-                view.copy_(value.reshape(view.shape) if value.numel() == 1 and view.dim() == 0
-                           else value)
+                view.copy_(value.reshape(view.shape) if view.dim() == 0 else value)
             else:
                 view.fill_(float(value))
 
     @staticmethod
     def _sync_param(b: Bucket, slot: Slot) -> None:
-        if slot.adopted:
-            if b.is_adopted_view(slot):
-                return
-            slot.adopted = False
-            if b.adopt(slot):
-                return
-        if slot.numel:
+        slot.moved = False
+        if slot.adopted and b.is_adopted_view(slot):
+            return
+        slot.adopted = False
+        if not b.adopt(slot) and slot.numel:
             slot.w.copy_(local(slot.param))
 
     @staticmethod
-    def _sync_grads(b: Bucket, slots: list[Slot]) -> None:
-        fresh = [s for s in slots if s.param.grad is not s.g and s.numel]
+    def _copy_grads(b: Bucket, fresh: list[Slot]) -> None:
         if not fresh:
             return
         if not b.grad_buffer_free(fresh):
             b.fresh_grad_buffer()
-        torch._foreach_copy_([s.g for s in fresh], [local(s.param.grad) for s in fresh])
+        torch._foreach_copy_([s.g for s in fresh], [local(s.grad_now) for s in fresh])
         for s in fresh:
             if s.adopted:
                 s.param.grad = s.g
                 b.grads_exposed = True
 
-    @staticmethod
-    def _set_hypers(b: Bucket, values: list) -> None:
-        key = tuple(values)
-        if key == b.hyper_key:
+    def _set_hypers(self, b: Bucket, group_values: tuple) -> None:
+        if group_values == b.hyper_key or not self.hyper_names:
+            b.hyper_key = group_values
             return
-        rows = [v if v is not None else (0.0,) * b.H.shape[0] for v in values]
-        rows.append((0.0,) * b.H.shape[0])            # the dummy segment
-        if b.H.shape[0]:
-            b.H.copy_(torch.tensor(rows, dtype=b.cdtype).T)
-        b.hyper_key = key
+        names = self.hyper_names
+        rows = []
+        for slot in b.slots:
+            values = group_values[slot.gi]
+            if slot.overrides:
+                values = tuple(float(slot.overrides.get(k, v)) for k, v in zip(names, values))
+            rows.append(values)
+        rows.append((0.0,) * len(names))               # the dummy segment
+        b.H.copy_(torch.tensor(rows, dtype=b.cdtype).T)
+        b.hyper_key = group_values
 
     @staticmethod
-    def _set_active(b: Bucket, flags: list[bool]) -> None:
-        key = tuple(flags)
-        if key != b.active_key:
-            b.active.copy_(torch.tensor(list(key) + [False], dtype=torch.bool))
-            b.active_key = key
+    def _set_active(b: Bucket, flags: tuple) -> None:
+        if flags != b.active_key:
+            b.active.copy_(torch.tensor(list(flags) + [False], dtype=torch.bool))
+            b.active_chunks = b.active[b.seg].unsqueeze(1)
+            b.active_key = flags

@@ -44,11 +44,11 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
 
     def run_pass(elem_in: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor],
                  vec_in: Sequence[torch.Tensor], vec_dsts: Sequence[torch.Tensor],
-                 seg: torch.Tensor, valid: torch.Tensor, active: torch.Tensor):
+                 seg: torch.Tensor, valid: torch.Tensor, active: torch.Tensor,
+                 act: torch.Tensor):
         dtype = vec_in[ref].dtype
         vals = vec_graph(*vec_in)
-        bridges = [flat_ops.gather(v, seg) for v in vals[:nb]]
-        act = flat_ops.gather(active, seg)
+        bridges = flat_ops.gather(list(vals[:nb]), seg)
         for dst, v in zip(vec_dsts, vals[nb:nb + nw]):
             flat_ops.write_vec(dst, v, active)
         if not has_elem:
@@ -85,26 +85,27 @@ def _mark(tensors: Sequence[torch.Tensor]) -> None:
 
 def pass_function(flat: FlatPass, compile: bool, name: str) -> Callable:
     """The callable running ``flat``: ``fn(elem_in, dsts, vec_in, vec_dsts, seg,
-    valid, active) -> (partials, per-parameter outputs)``.
+    valid, active, act) -> (partials, per-parameter outputs)``.
 
     ``elem_in``: the ``(nchunks, C)`` buffers named by ``flat.elem_inputs``
     (any float dtype; converted to the compute dtype, that of ``vec_in``);
     ``dsts``: the buffers named by ``flat.dsts``; ``vec_in``: ``(P,)`` vectors
     (or 0-d globals) named by ``flat.vec_inputs``; ``vec_dsts``: the layer
     state vectors named by ``flat.vec_writes``; ``seg`` ``(nchunks,)`` int64;
-    ``valid`` ``(nchunks, 1)`` int64; ``active`` ``(P,)`` bool.
+    ``valid`` ``(nchunks, 1)`` int64; ``active`` ``(P,)`` bool and ``act`` the
+    same per chunk, ``(nchunks, 1)``.
     """
     if not compile:
         return _body(flat, blocked=True)
     compiled = torch.compile(_own_code(_body(flat, blocked=False), name), dynamic=False,
                              fullgraph=True)
 
-    def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active):
+    def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act):
         _mark(elem_in)
         _mark(dsts)
         _mark(vec_in)
         _mark(vec_dsts)
-        _mark((seg, valid, active))
-        return compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active)
+        _mark((seg, valid, active, act))
+        return compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act)
 
     return run_compiled

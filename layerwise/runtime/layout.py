@@ -112,8 +112,16 @@ class Slot:
     g: torch.Tensor | None = None
     states: dict[str, torch.Tensor] = field(default_factory=dict)
     entries: dict | None = None     # the dict optimizer.state[p] is, when it holds our views
-    entry_values: dict = field(default_factory=dict)  # the views it should hold
+    entry_values: list = field(default_factory=list)  # the views it holds, in order
     ptr: int = 0                    # W's address of the slot (an adopted param's data_ptr)
+    param_shape: tuple[int, ...] = ()
+    # set by BucketSet.scan for this step (layerwise.runtime.buckets)
+    stamp: int = -1                 # the step that last saw the parameter in a param group
+    grad_now: torch.Tensor | None = None
+    gi: int = 0                     # its param group and for-rule overrides
+    overrides: dict = field(default_factory=dict)
+    moved: bool = False             # its tensor is not (or no longer) its view of W
+    foreign: bool = False           # state[p] holds values to copy into the buffers
 
     @property
     def numel(self) -> int:
@@ -151,7 +159,8 @@ class Bucket:
             stride = tuple(lp.stride()) if dense(lp) and group is None and n > 1 \
                 else _contiguous_strides(shape)
             k = -(-n // chunk)
-            self.slots.append(Slot(p, name, i, c0, k, shape, stride, group))
+            self.slots.append(Slot(p, name, i, c0, k, shape, stride, group,
+                                   param_shape=tuple(p.shape)))
             c0 += k
         P, NC = len(self.slots) + 1, c0 + 1            # the dummy segment owns >= 1 chunk
         while NC < 2 or NC == P:
@@ -179,6 +188,7 @@ class Bucket:
         self.H = torch.zeros(hyper_count, P, dtype=cd, device=dev)
         self.hyper_key: object = None
         self.active = torch.zeros(P, dtype=torch.bool, device=dev)
+        self.active_chunks = torch.zeros(NC, 1, dtype=torch.bool, device=dev)
         self.active_key: tuple = ()
         for s in self.slots:
             s.w = self._view(self.W, s)

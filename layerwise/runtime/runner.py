@@ -55,10 +55,11 @@ class Runner:
         f = p.flat
         buffers = {"w": bucket.W, "g": bucket.G, **bucket.S}
         vec = [reds[p.reads[n]] if n in p.reads else env[n] for n in f.vec_inputs]
+        act = bucket.active_chunks if active is bucket.active else active[bucket.seg].unsqueeze(1)
         return self._fns[id(p)]([buffers[n] for n in f.elem_inputs],
                                 [buffers[n] for n in f.dsts], vec,
                                 [bucket.L[n] for n in f.vec_writes],
-                                bucket.seg, bucket.valid, active)
+                                bucket.seg, bucket.valid, active, act)
 
     def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
             actives: Sequence[torch.Tensor], combine: Combiner | None):
