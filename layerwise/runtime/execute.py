@@ -15,7 +15,9 @@ on the ``(nchunks, C)`` buffers.
   reduction (``layerwise.split.split_early``) shares its loop.
 * Eager: the elem graph runs on blocks of :data:`EAGER_BLOCK` chunks on the
   CPU (its temporaries stay in cache and are reused by the allocator
-  instead of being mapped afresh), on the whole buffers elsewhere.
+  instead of being mapped afresh), on the whole buffers elsewhere, with
+  the cheaper masks of ``flat_ops.PartialRows`` and, when every segment
+  is active, plain copies for the writes.
 
 A call returns the pass's partials, ``(nchunks,)`` tensors of the compute
 dtype, and its per-parameter outputs.
@@ -58,11 +60,11 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
             return list(outs[:npart]), list(vals[nb + nw:])
         n = seg.shape[0]
         parts = []
-        for s in range(0, n, EAGER_BLOCK):
+        for k, s in enumerate(range(0, n, EAGER_BLOCK)):
             e = min(n, s + EAGER_BLOCK)
             outs = elem_graph(*[x[s:e].to(dtype) for x in elem_in], *[x[s:e] for x in dsts],
-                              *[b[s:e] if b.dim() else b for b in bridges], valid[s:e],
-                              act[s:e])
+                              *[b[s:e] if b.dim() else b for b in bridges],
+                              valid[k], None if act is None else act[s:e])
             parts.append(outs[:npart])
         partials = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)] \
             if npart else []
@@ -92,12 +94,15 @@ def pass_function(flat: FlatPass, compile: bool, name: str) -> Callable:
     ``dsts``: the buffers named by ``flat.dsts``; ``vec_in``: ``(P,)`` vectors
     (or 0-d globals) named by ``flat.vec_inputs``; ``vec_dsts``: the layer
     state vectors named by ``flat.vec_writes``; ``seg`` ``(nchunks,)`` int64;
-    ``valid`` ``(nchunks, 1)`` int64; ``active`` ``(P,)`` bool and ``act`` the
-    same per chunk, ``(nchunks, 1)``.
+    ``valid`` ``(nchunks, 1)`` int64 (eager on the CPU: the
+    ``flat_ops.PartialRows`` of each block of :data:`EAGER_BLOCK` chunks,
+    from ``Bucket.partial_rows``); ``active`` ``(P,)`` bool and ``act`` the
+    same per chunk, ``(nchunks, 1)`` (eager: None when every segment is
+    active).
     """
     if not compile:
-        return _body(flat, blocked=True)
-    compiled = torch.compile(_own_code(_body(flat, blocked=False), name), dynamic=False,
+        return _body(flat, True)
+    compiled = torch.compile(_own_code(_body(flat, False), name), dynamic=False,
                              fullgraph=True)
 
     def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act):

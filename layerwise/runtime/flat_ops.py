@@ -18,13 +18,37 @@ becomes a per-chunk partial (:func:`row_sum` and its siblings, padding
 masked out) that the runtime adds up per segment. Writes go through
 :func:`write`, which leaves the segments that are not active this step (no
 gradient) as they were.
+
+The eager path (``layerwise.runtime.execute``) runs the same graphs with two
+cheaper arguments, because eager ``torch.where`` over a block costs about
+60 times a multiplication on the CPU: ``valid`` may be a
+:class:`PartialRows` (only the rows that end in padding are masked, the
+others are summed as they are) and ``active`` may be None (every segment
+is active: a plain copy).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["per_chunk", "gather", "chunk_mask", "row_sum", "row_sumsq", "row_dot", "row_max_abs",
-           "write", "write_vec"]
+__all__ = ["PartialRows", "per_chunk", "gather", "chunk_mask", "row_sum", "row_sumsq", "row_dot",
+           "row_max_abs", "write", "write_vec"]
+
+
+@dataclass
+class PartialRows:
+    """The rows of a block of chunks that end in padding (``index``, ``(k,)``
+    int64) and their element masks (``mask``, ``(k, C)`` bool): what the eager
+    path passes as ``valid``."""
+    index: torch.Tensor
+    mask: torch.Tensor
+
+    @staticmethod
+    def of(valid: torch.Tensor, chunk: int) -> "PartialRows":
+        """From a block's ``valid`` counts (``(n, 1)`` int64)."""
+        index = torch.nonzero(valid[:, 0] != chunk).flatten()
+        return PartialRows(index, torch.arange(chunk, device=valid.device) < valid[index])
 
 
 @torch.library.custom_op("layerwise::per_chunk", mutates_args=())
@@ -58,36 +82,51 @@ def gather(xs: list, seg: torch.Tensor) -> list:
     return out
 
 
-def chunk_mask(valid: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunk_mask(valid, chunk: int):
     """``(nchunks, chunk)`` bool: True on the elements that belong to a
-    parameter, False on padding. ``valid``: ``(nchunks, 1)`` int64."""
+    parameter, False on padding. ``valid``: ``(nchunks, 1)`` int64 (or a
+    :class:`PartialRows`, returned as it is)."""
+    if isinstance(valid, PartialRows):
+        return valid
     return torch.arange(chunk, device=valid.device) < valid
 
 
-def row_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor, mask, reduce, fill) -> torch.Tensor:
+    if not isinstance(mask, PartialRows):
+        return reduce(torch.where(mask, x, fill))
+    out = reduce(x)
+    if mask.index.numel():
+        out[mask.index] = reduce(torch.where(mask.mask, x[mask.index], fill))
+    return out
+
+
+def row_sum(x: torch.Tensor, mask) -> torch.Tensor:
     """Per-chunk sum of ``x`` over the unmasked elements: ``(nchunks,)``."""
-    return torch.where(mask, x, 0).sum(1)
+    return _rows(x, mask, lambda y: y.sum(1), 0)
 
 
-def row_sumsq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def row_sumsq(x: torch.Tensor, mask) -> torch.Tensor:
     """Per-chunk sum of squares (the partial of ``norm`` and ``rms``)."""
     return row_sum(x * x, mask)
 
 
-def row_dot(x: torch.Tensor, y, mask: torch.Tensor) -> torch.Tensor:
+def row_dot(x: torch.Tensor, y, mask) -> torch.Tensor:
     """Per-chunk sum of ``x * y`` (the partial of ``dot``)."""
     return row_sum(x * y, mask)
 
 
-def row_max_abs(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def row_max_abs(x: torch.Tensor, mask) -> torch.Tensor:
     """Per-chunk largest absolute value (0 for padding; NaN propagates)."""
-    return torch.where(mask, torch.abs(x), 0).amax(1)
+    return _rows(torch.abs(x), mask, lambda y: y.amax(1), 0)
 
 
-def write(dst: torch.Tensor, value, active: torch.Tensor) -> torch.Tensor:
+def write(dst: torch.Tensor, value, active: torch.Tensor | None) -> torch.Tensor:
     """Write ``value`` (any kind, broadcast) into the buffer ``dst`` on active
-    chunks (``active``: ``(nchunks, 1)`` bool), keep ``dst`` elsewhere; returns
-    ``dst``. The value is rounded to ``dst``'s dtype (a bfloat16 parameter)."""
+    chunks (``active``: ``(nchunks, 1)`` bool, None for all), keep ``dst``
+    elsewhere; returns ``dst``. The value is rounded to ``dst``'s dtype (a
+    bfloat16 parameter)."""
+    if active is None:
+        return dst.copy_(value) if isinstance(value, torch.Tensor) else dst.fill_(value)
     return dst.copy_(torch.where(active, value, dst))
 
 

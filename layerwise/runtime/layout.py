@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .distributed import local
+from .flat_ops import PartialRows
 
 __all__ = ["CHUNK", "Slot", "Bucket", "dense", "compute_dtype"]
 
@@ -205,6 +206,17 @@ class Bucket:
                 by_group.setdefault(s.group, []).append(s.index)
         self._shards = {g: torch.tensor(ix, dtype=torch.int64, device=dev)
                         for g, ix in by_group.items()}
+        self._partial_rows: dict[int, list[PartialRows]] = {}
+
+    def partial_rows(self, block: int) -> list[PartialRows]:
+        """Per block of ``block`` chunks, its rows that end in padding (the
+        eager path's masks; computed once per layout)."""
+        rows = self._partial_rows.get(block)
+        if rows is None:
+            rows = self._partial_rows[block] = [
+                PartialRows.of(self.valid[s:s + block], self.chunk)
+                for s in range(0, self.nchunks, block)]
+        return rows
 
     def shards(self) -> dict[object, torch.Tensor]:
         """The segments of sharded parameters, per process group (``(K,)`` int64)."""

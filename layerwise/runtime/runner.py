@@ -24,7 +24,7 @@ import torch
 from ..check import CheckedProgram
 from ..lower import Lowered, finish_globals, lower
 from .distributed import Combiner
-from .execute import pass_function
+from .execute import EAGER_BLOCK, pass_function
 from .layout import CHUNK, Bucket
 from .procedure import Pass, Procedure, procedures
 
@@ -50,16 +50,25 @@ class Runner:
                 # init runs once per parameter: always eager, never compiled
                 self._fns[id(p)] = pass_function(p.flat, compile and pname != "init",
                                                  f"{name}_{pname}_{k}")
+        self._eager = {id(p): not compile or pname == "init"
+                       for pname, proc in self.procs.items() for p in [*proc.levels, proc.final]}
 
     def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor):
         f = p.flat
         buffers = {"w": bucket.W, "g": bucket.G, **bucket.S}
         vec = [reds[p.reads[n]] if n in p.reads else env[n] for n in f.vec_inputs]
-        act = bucket.active_chunks if active is bucket.active else active[bucket.seg].unsqueeze(1)
+        if active is bucket.active:
+            # eager: None when every segment is active (writes become plain copies)
+            act = None if self._eager[id(p)] and all(bucket.active_key) and \
+                len(bucket.active_key) == bucket.P - 1 else bucket.active_chunks
+        else:
+            act = active[bucket.seg].unsqueeze(1)
+        eager_cpu = self._eager[id(p)] and bucket.device.type == "cpu"
+        valid = bucket.partial_rows(EAGER_BLOCK) if eager_cpu else bucket.valid
         return self._fns[id(p)]([buffers[n] for n in f.elem_inputs],
                                 [buffers[n] for n in f.dsts], vec,
                                 [bucket.L[n] for n in f.vec_writes],
-                                bucket.seg, bucket.valid, active, act)
+                                bucket.seg, valid, active, act)
 
     def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
             actives: Sequence[torch.Tensor], combine: Combiner | None):
