@@ -109,6 +109,7 @@ class BucketSet:
                         continue
                     name = name_of(gi, pi, flat)
                     check_param(p, name)
+                    self._check_not_ours(local(p), name)
                     if g is not None:
                         check_grad(p, g, name)
                     if entries:
@@ -126,6 +127,8 @@ class BucketSet:
                     name = name_of(gi, pi, flat)
                     check_param(p, name)
                     lp = local(p)
+                    if not slot.adopted or not b.is_adopted_view(slot):
+                        self._check_not_ours(lp, name)
                     if tuple(lp.shape) != slot.shape:
                         raise ValueError(f"parameter {name} has shape {tuple(p.shape)}, but "
                                          f"its state was made for shape {tuple(slot.param_shape)};"
@@ -143,6 +146,12 @@ class BucketSet:
                     slot.foreign = True
         return scan
 
+    def _check_not_ours(self, t: torch.Tensor, name: str) -> None:
+        if t.numel() and any(b.owns_memory(t) for b in self.buckets.values()):
+            raise ValueError(f"parameter {name} shares memory with another parameter of this "
+                             "optimizer (e.g. p.data = other.data after the optimizer was made);"
+                             " give each parameter its own tensor")
+
     @staticmethod
     def _intact(slot: Slot, entries: dict) -> bool:
         return len(entries) == len(slot.entry_values) and \
@@ -158,6 +167,8 @@ class BucketSet:
             self._relayout(scan, state)
         out = []
         for b in self.buckets.values():
+            if any(s.moved and s.adopted for s in b.slots) and not b.param_buffer_free():
+                b.fresh_param_buffer()       # someone holds a view of a left slot
             init, fresh, flags = [], [], []
             for slot in b.slots:
                 active = slot.stamp == scan.stamp and slot.grad_now is not None

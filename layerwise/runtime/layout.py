@@ -177,10 +177,12 @@ class Bucket:
                 valid[s.chunk0 + s.nchunks - 1] = s.numel - (s.nchunks - 1) * chunk
         valid[c0:] = 0
         self.valid = valid.unsqueeze(1).to(dev)
-        self.W = torch.zeros(NC, chunk, dtype=self.dtype, device=dev)
-        self.G = torch.zeros(NC, chunk, dtype=self.dtype, device=dev)
-        self.S = {n: torch.zeros(NC, chunk, dtype=cd, device=dev)
-                  for n, layer in zip(state_names, layer_states) if not layer}
+        # empty, then zero the padding: a slot's memory is only touched when its
+        # parameter, gradient or state is copied in, so adopting a parameter
+        # (whose old storage is then freed) does not grow the resident set
+        self.W = self._buffer(self.dtype)
+        self.G = self._buffer(self.dtype)
+        self.S = {n: self._buffer(cd) for n, layer in zip(state_names, layer_states) if not layer}
         self.L = {n: torch.zeros(P, dtype=cd, device=dev)
                   for n, layer in zip(state_names, layer_states) if layer}
         self.T = torch.zeros(P, dtype=cd, device=dev)
@@ -199,6 +201,7 @@ class Bucket:
             s.states.update({n: vec[s.index] for n, vec in self.L.items()})
             s.states["step"] = self.T[s.index]
         self._g_users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
+        self._w_users = torch._C._storage_Use_Count(self.W.untyped_storage()._cdata)
         self.grads_exposed = False
         by_group: dict[object, list[int]] = {}
         for s in self.slots:
@@ -221,6 +224,15 @@ class Bucket:
     def shards(self) -> dict[object, torch.Tensor]:
         """The segments of sharded parameters, per process group (``(K,)`` int64)."""
         return self._shards
+
+    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        buf = torch.empty(self.nchunks, self.chunk, dtype=dtype, device=self.device)
+        flat = buf.view(-1)
+        for s in self.slots:
+            flat[s.chunk0 * self.chunk + s.numel:(s.chunk0 + s.nchunks) * self.chunk].zero_()
+        end = self.slots[-1].chunk0 + self.slots[-1].nchunks if self.slots else 0
+        buf[end:].zero_()
+        return buf
 
     def _view(self, buf: torch.Tensor, s: Slot) -> torch.Tensor:
         return torch.as_strided(buf, s.shape, s.stride, buf.storage_offset() + s.chunk0 * self.chunk)
@@ -245,6 +257,33 @@ class Bucket:
         p = s.param
         return p.data_ptr() == s.ptr and p.shape == s.shape and p.stride() == s.stride
 
+    def param_buffer_free(self) -> bool:
+        """Whether slots of ``W`` whose parameter left them may be written again:
+        no tensor views ``W`` but this bucket's own views and the adopted
+        parameters that still are theirs (a held ``old = p.data`` would)."""
+        adopted = sum(1 for s in self.slots if s.adopted and self.is_adopted_view(s))
+        return torch._C._storage_Use_Count(self.W.untyped_storage()._cdata) == \
+            self._w_users + adopted
+
+    def fresh_param_buffer(self) -> None:
+        """Give ``W`` new memory. Parameters that still are views of the old one
+        stay there and are packed from now on (copied in and out), so every
+        tensor that views the old memory keeps seeing what torch.optim would
+        show it: its parameter's updates, or the values it had when its
+        parameter left it."""
+        self.W = self._buffer(self.dtype)
+        for s in self.slots:
+            s.w = self._view(self.W, s)
+            s.ptr = s.w.data_ptr() if s.numel else 0
+            s.adopted = False
+        self._w_users = torch._C._storage_Use_Count(self.W.untyped_storage()._cdata)
+
+    def owns_memory(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` views one of this bucket's buffers."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(ptr == buf.untyped_storage().data_ptr()
+                   for buf in (self.W, self.G, *self.S.values()))
+
     # ------------------------------------------------------------ gradients
     def grad_buffer_free(self, slots: list[Slot]) -> bool:
         """Whether the gradient views of ``slots`` may be overwritten: no tensor
@@ -262,7 +301,7 @@ class Bucket:
         """Give ``G`` new memory (the old views stay with whoever holds them),
         keeping the gradients that still are this bucket's views."""
         old = [(s, s.g) for s in self.slots]
-        self.G = torch.zeros_like(self.G)
+        self.G = self._buffer(self.dtype)
         for s, g_old in old:
             s.g = self._view(self.G, s)
             p = s.param
