@@ -260,10 +260,12 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict (torch semantics), keeping state in the compute dtype.
 
-        Everything is checked first: every parameter's saved state must have
-        exactly this program's keys (``step`` and its states), elem states
-        the parameter's shape (and layout, for DTensors), layer states and
-        ``step`` one number each (``step`` a whole number >= 0). The state is
+        Everything is checked first: every saved param group must have a
+        value in range for each of this program's hypers (other keys, such as
+        a scheduler's ``initial_lr``, are kept); every parameter's saved state
+        must have exactly this program's keys (``step`` and its states), elem
+        states the parameter's shape (and layout, for DTensors), layer states
+        and ``step`` one number each (``step`` a whole number >= 0). The state is
         copied into the runtime's buffers at the next step; the given
         ``state_dict`` is never modified or aliased. ``watched`` starts
         afresh: its history is not part of the state dict (and
@@ -283,6 +285,15 @@ class Optimizer(torch.optim.Optimizer):
             entry = state_dict["state"].get(sid)
             if entry:
                 self._check_entries(p, entry, str(index))
+        for gi, group in enumerate(state_dict["param_groups"]):
+            missing = [k for k in self.program.hyper_names if k not in group]
+            if missing:
+                raise ValueError(f"param group {gi} of the state dict has no "
+                                 f"{', '.join(map(repr, missing))}: it was not saved by a "
+                                 f"'{self.program.name}' optimizer (its hypers: "
+                                 f"{', '.join(self.program.hyper_names)})")
+            self._check_hypers({k: group[k] for k in self.program.hyper_names},
+                               f"param group {gi} of the state dict")
         super().load_state_dict(state_dict)
         self.watched = {n: {} for n in self.program.watches}
         for sid, p in zip(saved, mine):

@@ -123,7 +123,13 @@ class BucketSet:
                 scan.active |= g is not None
                 if slot.gi != gi or slot.overrides is not ov:
                     slot.gi, slot.overrides, b.hyper_key = gi, ov, None
-                if not (slot.adopted and p.data_ptr() == slot.ptr and p.shape == slot.shape):
+                if slot.adopted:
+                    same = p.data_ptr() == slot.ptr and p.shape == slot.shape
+                else:       # packed: the tensor it was last checked as
+                    lp = local(p)
+                    same = slot.seen == (lp.data_ptr(), lp.shape, lp.stride(), lp.dtype,
+                                         lp.device)
+                if not same:
                     name = name_of(gi, pi, flat)
                     check_param(p, name)
                     lp = local(p)
@@ -134,6 +140,7 @@ class BucketSet:
                                          f"its state was made for shape {tuple(slot.param_shape)};"
                                          " give the optimizer a parameter of the same shape")
                     slot.moved = True
+                    slot.seen = (lp.data_ptr(), lp.shape, lp.stride(), lp.dtype, lp.device)
                     if (lp.dtype, lp.device) != (b.dtype, b.device):
                         scan.relayout = True
                 if g is not None and g is not slot.g:

@@ -122,6 +122,7 @@ class Slot:
     gi: int = 0                     # its param group and for-rule overrides
     overrides: dict = field(default_factory=dict)
     moved: bool = False             # its tensor is not (or no longer) its view of W
+    seen: tuple = ()                # a packed parameter's tensor when last checked
     foreign: bool = False           # state[p] holds values to copy into the buffers
 
     @property
