@@ -79,7 +79,7 @@ class Optimizer(torch.optim.Optimizer):
         self._runner: Runner = runner_for(self.program, bool(compile))
         lowered = self._runner.lowered
         self._buckets = BucketSet(lowered.state_names, lowered.layer_states,
-                                  self.program.hyper_names)
+                                  self.program.hyper_names, self._runner.chunk)
         self._overrides: list[list[dict[str, float]]] = []
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
         self._pending: list[tuple[list[str], torch.Tensor]] = []

@@ -24,7 +24,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import layerwise as lw
-from layerwise.runtime.execute import EAGER_BLOCK
+from layerwise.runtime import execute
+from layerwise.runtime.execute import eager_block
 from layerwise.runtime.layout import CHUNK
 
 PROBE = lw.parse("""optimizer runtime_issues_probe
@@ -380,16 +381,19 @@ def step_events(params, opt, fresh: bool) -> collections.Counter:
 
 
 @pytest.fixture
-def kernel_profile():
+def kernel_profile(monkeypatch):
     """PROBE compiles (on its first compiled step, in the first test using
-    this) with inductor's C++ kernels emitting profiler events."""
+    this) with inductor's C++ kernels emitting profiler events. The eager
+    path runs in blocks of ``EAGER_ELEMENTS`` values (a cost that grows with
+    the model's size, not its tensor count): here one block holds all."""
+    monkeypatch.setattr(execute, "EAGER_ELEMENTS", 1 << 22)
     with torch._inductor.config.patch(KERNEL_PROFILE):
         yield
 
 
 def probe_events(n: int, compile: bool, fresh: bool) -> collections.Counter:
     params = mixed(n, seed=n)
-    assert sum(-(-p.numel() // CHUNK) for p in params) < EAGER_BLOCK  # one eager block
+    assert sum(-(-p.numel() // CHUNK) for p in params) < eager_block(CHUNK)  # one eager block
     return step_events(params, lw.Optimizer(params, PROBE, compile=compile), fresh)
 
 

@@ -65,11 +65,13 @@ def bucket_key(p: torch.Tensor) -> tuple:
 
 
 class BucketSet:
-    """The buckets of one optimizer, for a program with the given states and hypers."""
+    """The buckets of one optimizer, for a program with the given states and
+    hypers, laid out in chunks of ``chunk`` elements (the runner's)."""
 
     def __init__(self, state_names: tuple[str, ...], layer_states: tuple[bool, ...],
-                 hyper_names: tuple[str, ...]):
+                 hyper_names: tuple[str, ...], chunk: int):
         self.state_names, self.layer_states = state_names, layer_states
+        self.chunk = chunk
         self.hyper_names = hyper_names
         self.buckets: dict[tuple, Bucket] = {}
         self.slot_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
@@ -224,7 +226,7 @@ class BucketSet:
         self.buckets, self.slot_of = {}, {}
         for key, items in members.items():
             b = Bucket([(m.param, m.name, m.group) for m, _ in items], self.state_names,
-                       self.layer_states, len(self.hyper_names))
+                       self.layer_states, len(self.hyper_names), self.chunk)
             self.buckets[key] = b
             for slot, (m, old) in zip(b.slots, items):
                 self.slot_of[slot.param] = (b, slot)
@@ -298,10 +300,20 @@ class BucketSet:
             return
         if not b.grad_buffer_free(fresh):
             b.fresh_grad_buffer()
-        torch._foreach_copy_([s.g for s in fresh], [local(s.grad_now) for s in fresh])
+        if b.grads_exposed:
+            torch._foreach_copy_([s.g for s in fresh], [local(s.grad_now) for s in fresh])
+        else:
+            # the buffer's first use: copy and hand out one view at a time, so each
+            # old gradient can be freed before the next one is copied
+            for s in fresh:
+                s.g.copy_(local(s.grad_now))
+                if s.adopted:
+                    s.param.grad = s.g
+                    s.grad_now = s.g
         for s in fresh:
             if s.adopted:
                 s.param.grad = s.g
+                s.grad_now = s.g
                 b.grads_exposed = True
 
     def _set_hypers(self, b: Bucket, group_values: tuple) -> None:

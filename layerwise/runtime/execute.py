@@ -13,8 +13,8 @@ on the ``(nchunks, C)`` buffers.
   that the generated loops are specialised to. Inductor fuses the writes
   into the loop that computes them; an early write read back by a
   reduction (``layerwise.split.split_early``) shares its loop.
-* Eager: the elem graph runs on blocks of :data:`EAGER_BLOCK` chunks on the
-  CPU (its temporaries stay in cache and are reused by the allocator
+* Eager: the elem graph runs on blocks of :data:`EAGER_ELEMENTS` elements
+  on the CPU (its temporaries stay in cache and are reused by the allocator
   instead of being mapped afresh), on the whole buffers elsewhere, with
   the cheaper masks of ``flat_ops.PartialRows`` and, when every segment
   is active, plain copies for the writes.
@@ -32,10 +32,16 @@ import torch
 from . import flat_ops
 from .flatten import FlatPass
 
-__all__ = ["pass_function", "EAGER_BLOCK"]
+__all__ = ["pass_function", "EAGER_ELEMENTS", "eager_block"]
 
-#: Chunks per block of the eager path on the CPU (256K elements at C = 256).
-EAGER_BLOCK = 1024
+#: Elements per block of the eager path on the CPU: 1 MiB per float32 array,
+#: so a block's temporaries stay in the caches (L2 1 MiB, L3 32 MiB here).
+EAGER_ELEMENTS = 1 << 18
+
+
+def eager_block(chunk: int) -> int:
+    """Chunks per block of the eager path on the CPU."""
+    return max(1, EAGER_ELEMENTS // chunk)
 
 
 def _body(flat: FlatPass, blocked: bool) -> Callable:
@@ -58,13 +64,12 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
         if not blocked or seg.device.type != "cpu":
             outs = elem_graph(*[x.to(dtype) for x in elem_in], *dsts, *bridges, valid, act)
             return list(outs[:npart]), list(vals[nb + nw:])
-        n = seg.shape[0]
         parts = []
-        for k, s in enumerate(range(0, n, EAGER_BLOCK)):
-            e = min(n, s + EAGER_BLOCK)
+        for rows in valid:
+            s, e = rows.start, rows.stop
             outs = elem_graph(*[x[s:e].to(dtype) for x in elem_in], *[x[s:e] for x in dsts],
                               *[b[s:e] if b.dim() else b for b in bridges],
-                              valid[k], None if act is None else act[s:e])
+                              rows, None if act is None else act[s:e])
             parts.append(outs[:npart])
         partials = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)] \
             if npart else []
@@ -95,7 +100,7 @@ def pass_function(flat: FlatPass, compile: bool, name: str) -> Callable:
     (or 0-d globals) named by ``flat.vec_inputs``; ``vec_dsts``: the layer
     state vectors named by ``flat.vec_writes``; ``seg`` ``(nchunks,)`` int64;
     ``valid`` ``(nchunks, 1)`` int64 (eager on the CPU: the
-    ``flat_ops.PartialRows`` of each block of :data:`EAGER_BLOCK` chunks,
+    ``flat_ops.PartialRows`` of each block of :func:`eager_block` chunks,
     from ``Bucket.partial_rows``); ``active`` ``(P,)`` bool and ``act`` the
     same per chunk, ``(nchunks, 1)`` (eager: None when every segment is
     active).

@@ -38,17 +38,22 @@ __all__ = ["PartialRows", "per_chunk", "gather", "chunk_mask", "row_sum", "row_s
 
 @dataclass
 class PartialRows:
-    """The rows of a block of chunks that end in padding (``index``, ``(k,)``
-    int64) and their element masks (``mask``, ``(k, C)`` bool): what the eager
-    path passes as ``valid``."""
+    """A block of chunks (rows ``start`` to ``stop``), its rows that end in
+    padding (``index``, ``(k,)`` int64, relative to ``start``) and their
+    element masks (``mask``, ``(k, C)`` bool): what the eager path passes as
+    ``valid``."""
+    start: int
+    stop: int
     index: torch.Tensor
     mask: torch.Tensor
 
     @staticmethod
-    def of(valid: torch.Tensor, chunk: int) -> "PartialRows":
-        """From a block's ``valid`` counts (``(n, 1)`` int64)."""
-        index = torch.nonzero(valid[:, 0] != chunk).flatten()
-        return PartialRows(index, torch.arange(chunk, device=valid.device) < valid[index])
+    def of(valid: torch.Tensor, start: int, stop: int, chunk: int) -> "PartialRows":
+        """From the ``valid`` counts (``(nchunks, 1)`` int64) of rows ``start:stop``."""
+        block = valid[start:stop]
+        index = torch.nonzero(block[:, 0] != chunk).flatten()
+        return PartialRows(start, stop, index,
+                           torch.arange(chunk, device=valid.device) < block[index])
 
 
 @torch.library.custom_op("layerwise::per_chunk", mutates_args=())

@@ -52,9 +52,11 @@ from .flat_ops import PartialRows
 
 __all__ = ["CHUNK", "Slot", "Bucket", "dense", "compute_dtype"]
 
-#: Elements per chunk. Parameters are padded to a multiple of it; BERT's 768
-#: and 3072 and most convolution sizes are multiples.
-CHUNK = 256
+#: Elements per chunk. Parameters are padded to a multiple of it. Longer rows
+#: amortise each row's loop overhead in the compiled kernels (BERT-base
+#: compiled lamb, same process: 1024 about 10% faster than 256, 2048 no
+#: faster than 1024); the padding costs at most 1023 elements per tensor.
+CHUNK = 1024
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,7 +220,7 @@ class Bucket:
         rows = self._partial_rows.get(block)
         if rows is None:
             rows = self._partial_rows[block] = [
-                PartialRows.of(self.valid[s:s + block], self.chunk)
+                PartialRows.of(self.valid, s, min(s + block, self.nchunks), self.chunk)
                 for s in range(0, self.nchunks, block)]
         return rows
 

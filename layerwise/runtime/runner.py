@@ -24,7 +24,7 @@ import torch
 from ..check import CheckedProgram
 from ..lower import Lowered, finish_globals, lower
 from .distributed import Combiner
-from .execute import EAGER_BLOCK, pass_function
+from .execute import eager_block, pass_function
 from .layout import CHUNK, Bucket
 from .procedure import Pass, Procedure, procedures
 
@@ -34,15 +34,17 @@ __all__ = ["Runner", "runner_for"]
 class Runner:
     """The passes of one lowered program, eager (``compile=False``) or compiled.
 
-    An *environment* maps the names of a procedure's per-parameter inputs to
+    ``chunk``: the chunk length C its graphs are made for (buckets must use
+    the same). An *environment* maps the names of a procedure's per-parameter inputs to
     ``(P,)`` vectors (or 0-d globals) of one bucket: ``t`` (this step's step
     count), ``numel``, each hyper, each layer state, each global value.
     """
 
-    def __init__(self, lowered: Lowered, compile: bool):
+    def __init__(self, lowered: Lowered, compile: bool, chunk: int = CHUNK):
         self.lowered = lowered
         self.compiled = compile
-        self.procs = procedures(lowered, CHUNK)
+        self.chunk = chunk
+        self.procs = procedures(lowered, chunk)
         name = lowered.program.name
         self._fns = {}
         for pname, proc in self.procs.items():
@@ -64,7 +66,7 @@ class Runner:
         else:
             act = active[bucket.seg].unsqueeze(1)
         eager_cpu = self._eager[id(p)] and bucket.device.type == "cpu"
-        valid = bucket.partial_rows(EAGER_BLOCK) if eager_cpu else bucket.valid
+        valid = bucket.partial_rows(eager_block(self.chunk)) if eager_cpu else bucket.valid
         return self._fns[id(p)]([buffers[n] for n in f.elem_inputs],
                                 [buffers[n] for n in f.dsts], vec,
                                 [bucket.L[n] for n in f.vec_writes],

@@ -1,0 +1,126 @@
+"""The markdown report of ``benchmarks/step_time.py`` (RESULTS.md): tables and targets."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["markdown"]
+
+TITLES = {"small": "BERT-small (hidden 512, 4 layers)", "base": "BERT-base (hidden 768, 12 layers)",
+          "large": "BERT-large (hidden 1024, 24 layers)", "many": "1,000 tensors of 256 values"}
+LAMB, FUSED, EAGER, FOREACH = ("layerwise lamb (compiled)", "torch.optim.AdamW (fused)",
+                               "layerwise lamb (eager)", "torch.optim.AdamW (foreach)")
+
+
+def _ratio(r: dict, a: str, b: str) -> tuple[float, float] | None:
+    m = r["methods"]
+    if a not in m or b not in m:
+        return None
+    return m[a]["median_s"] / m[b]["median_s"], m[a]["min_s"] / m[b]["min_s"]
+
+
+def _table(r: dict) -> list[str]:
+    fused = r["methods"].get(FUSED)
+    lines = [f"## {TITLES.get(r['set'], r['set'])}: {r['tensors']} tensors, "
+             f"{r['numel'] / 1e6:.2f}M values", "",
+             f"Floor (one call of a streaming kernel moving 28 B/value over flat arrays): "
+             f"**{r['floor_s'] * 1e3:.2f} ms** ({r['bandwidth_GBps']:.1f} GB/s); LAMB's "
+             f"two-pass bound (40 B/value) = {40 / 28 * r['floor_s'] * 1e3:.2f} ms.", "",
+             "| method | median ms | min ms | median / fused AdamW | median / floor |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for label, m in r["methods"].items():
+        vs = f"{m['median_s'] / fused['median_s']:.2f}" if fused else "-"
+        lines.append(f"| {label} | {m['median_s'] * 1e3:.2f} | {m['min_s'] * 1e3:.2f} | {vs} | "
+                     f"{m['median_s'] / r['floor_s']:.2f} |")
+    return lines + [""]
+
+
+def _targets(results: list[dict], probes: dict) -> list[str]:
+    """Issue 11's targets, each with what this run measured."""
+    by = {r["set"]: r for r in results}
+    out = ["## Targets (issue 11)", "", "| target | measured (median; minimum) | met |",
+           "| --- | --- | --- |"]
+
+    def row(text, ratio, limit):
+        if ratio is None:
+            return
+        med, low = ratio
+        out.append(f"| {text} | {med:.2f} x; {low:.2f} x | "
+                   f"{'yes' if med <= limit else '**no**'} |")
+
+    base, many = by.get("base"), by.get("many")
+    if base:
+        row("BERT-base: compiled lamb <= 1.5 x AdamW(fused=True)", _ratio(base, LAMB, FUSED), 1.5)
+        m = base["methods"].get(LAMB)
+        if m:
+            row("BERT-base: compiled lamb <= 1.6 x the one-pass floor",
+                (m["median_s"] / base["floor_s"], m["min_s"] / base["floor_s"]), 1.6)
+        row("BERT-base: eager lamb <= 1.5 x AdamW(foreach=True)", _ratio(base, EAGER, FOREACH),
+            1.5)
+    if many:
+        row("1,000 x 256: compiled lamb <= 1.5 x AdamW(fused=True)", _ratio(many, LAMB, FUSED),
+            1.5)
+    c = probes.get("compile_s")
+    if c:
+        out.append(f"| cold compile of BERT-base lamb <= 30 s | {c['base']['compile']:.1f} s | "
+                   f"{'yes' if c['base']['compile'] <= 30 else '**no**'} |")
+        q = c["large"]["compile"] / c["small"]["compile"]
+        out.append(f"| BERT-large cold compile <= 1.2 x BERT-small's | {c['large']['compile']:.1f}"
+                   f" s / {c['small']['compile']:.1f} s = {q:.2f} x | "
+                   f"{'yes' if q <= 1.2 else '**no**'} |")
+    mem = probes.get("memory")
+    if mem:
+        allowed = mem["state"] + mem["largest"]
+        live = mem["live"] if mem.get("live") is not None else mem["first"]
+        ok = max(live, mem["steady"], mem["fresh"]) <= allowed
+        out.append(f"| a step adds <= state + one largest parameter (+ the layout) | first step "
+                   f"{live:.0f} MiB kept (resident peak {mem['first']:.0f}, see below), later "
+                   f"steps {max(mem['steady'], mem['fresh']):.0f} MiB; state "
+                   f"{mem['state']:.0f} + largest {mem['largest']:.0f} = {allowed:.0f} MiB | "
+                   f"{'yes' if ok else '**no**'}{' (kept memory; not the resident peak)' if ok and mem['first'] > allowed else ''} |")
+    return out + [""]
+
+
+def _probes(probes: dict) -> list[str]:
+    out = []
+    c = probes.get("compile_s")
+    if c:
+        out += ["## Cold compile of the `lamb` step (fresh process, empty inductor cache)", "",
+                "Compile: the time dynamo reports for compiling during the first step "
+                "(tracing, inductor, the C++ build). The first step also lays the "
+                "parameters out and creates the state, which grows with the model.", "",
+                "| set | compile s | first step s | later step s |",
+                "| --- | ---: | ---: | ---: |"]
+        for name, r in c.items():
+            out.append(f"| {TITLES[name]} | {r['compile']:.2f} | {r['first']:.2f} | "
+                       f"{r['steady']:.3f} |")
+        out.append("")
+    mem = probes.get("memory")
+    if mem:
+        out += ["## Memory a compiled `lamb` step adds (BERT-base, MiB)", "",
+                f"- the first step (creates the state; the parameters and their gradients "
+                f"become views of the runtime's buffers, their old storage is freed): "
+                f"resident peak {mem['first']:.0f}; kept after it {mem.get('live') or 0:.0f} "
+                f"(once glibc has returned what the step freed: it keeps freed blocks "
+                f"below its mmap threshold for reuse by later allocations, such as the "
+                f"next forward's activations), against the state {mem['state']:.0f} and the "
+                f"largest parameter {mem['largest']:.0f}",
+                f"- a later step, gradients in place: {mem['steady']:.0f}",
+                f"- a step with new gradient tensors (copied into the gradient buffer; the "
+                f"new tensors are then freed): peak {mem['fresh']:.0f} above the resident "
+                f"set before it (which held both the new gradients and the buffer, "
+                f"{mem['grads']:.0f} each); afterwards {mem['after_fresh']:.0f} more than "
+                f"before the new gradients existed", ""]
+    return out
+
+
+def markdown(results: list[dict], probes: dict, device: str, argv: str) -> str:
+    lines = ["# Step-time benchmark", "",
+             f"Made by: `python benchmarks/step_time.py {argv}`", "",
+             f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+             "float32. Methods of a set were timed interleaved (each repeat steps every "
+             "method once, in turn), so ratios within a table are side by side.", ""]
+    lines += _targets(results, probes)
+    for r in results:
+        lines += _table(r)
+    lines += _probes(probes)
+    return "\n".join(lines) + "\n"
