@@ -7,58 +7,50 @@ __all__ = ["markdown"]
 
 TITLES = {"small": "BERT-small (hidden 512, 4 layers)", "base": "BERT-base (hidden 768, 12 layers)",
           "large": "BERT-large (hidden 1024, 24 layers)", "many": "1,000 tensors of 256 values"}
-LAMB, FUSED, EAGER, FOREACH = ("layerwise lamb (compiled)", "torch.optim.AdamW (fused)",
-                               "layerwise lamb (eager)", "torch.optim.AdamW (foreach)")
-
-
-def _ratio(r: dict, a: str, b: str) -> tuple[float, float] | None:
-    m = r["methods"]
-    if a not in m or b not in m:
-        return None
-    return m[a]["median_s"] / m[b]["median_s"], m[a]["min_s"] / m[b]["min_s"]
+LAMB, EAGER = "layerwise lamb (compiled)", "layerwise lamb (eager)"
 
 
 def _table(r: dict) -> list[str]:
-    fused = r["methods"].get(FUSED)
     lines = [f"## {TITLES.get(r['set'], r['set'])}: {r['tensors']} tensors, "
              f"{r['numel'] / 1e6:.2f}M values", "",
              f"Floor (one call of a streaming kernel moving 28 B/value over flat arrays): "
              f"**{r['floor_s'] * 1e3:.2f} ms** ({r['bandwidth_GBps']:.1f} GB/s); LAMB's "
              f"two-pass bound (40 B/value) = {40 / 28 * r['floor_s'] * 1e3:.2f} ms.", "",
-             "| method | median ms | min ms | median / fused AdamW | median / floor |",
+             "Ratios are paired: per repeat, this method's step over the step of the "
+             "AdamW it was interleaved with (its group's), then the median (and the "
+             "range) over the repeats.", "",
+             "| method | median ms | min ms | / its AdamW: median (min-max) | / floor: median |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for label, m in r["methods"].items():
-        vs = f"{m['median_s'] / fused['median_s']:.2f}" if fused else "-"
+        a = m["vs_anchor"]
+        vs = "anchor" if m["anchor"] == label else \
+            f"{a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f})"
+        floor = f"{m['vs_floor']['median']:.2f}" if "vs_floor" in m else "-"
         lines.append(f"| {label} | {m['median_s'] * 1e3:.2f} | {m['min_s'] * 1e3:.2f} | {vs} | "
-                     f"{m['median_s'] / r['floor_s']:.2f} |")
+                     f"{floor} |")
     return lines + [""]
 
 
 def _targets(results: list[dict], probes: dict) -> list[str]:
-    """Issue 11's targets, each with what this run measured."""
+    """Issue 11's targets, each with what this run measured (paired ratios)."""
     by = {r["set"]: r for r in results}
-    out = ["## Targets (issue 11)", "", "| target | measured (median; minimum) | met |",
+    out = ["## Targets (issue 11)", "",
+           "| target | measured: paired ratio, median (min-max over repeats) | met |",
            "| --- | --- | --- |"]
 
     def row(text, ratio, limit):
-        if ratio is None:
-            return
-        med, low = ratio
-        out.append(f"| {text} | {med:.2f} x; {low:.2f} x | "
-                   f"{'yes' if med <= limit else '**no**'} |")
+        if ratio is not None:
+            out.append(f"| {text} | {ratio['median']:.2f} x ({ratio['min']:.2f}-"
+                       f"{ratio['max']:.2f}) | {'yes' if ratio['median'] <= limit else '**no**'} |")
+
+    def get(r, label, key="vs_anchor"):
+        return r["methods"].get(label, {}).get(key) if r else None
 
     base, many = by.get("base"), by.get("many")
-    if base:
-        row("BERT-base: compiled lamb <= 1.5 x AdamW(fused=True)", _ratio(base, LAMB, FUSED), 1.5)
-        m = base["methods"].get(LAMB)
-        if m:
-            row("BERT-base: compiled lamb <= 1.6 x the one-pass floor",
-                (m["median_s"] / base["floor_s"], m["min_s"] / base["floor_s"]), 1.6)
-        row("BERT-base: eager lamb <= 1.5 x AdamW(foreach=True)", _ratio(base, EAGER, FOREACH),
-            1.5)
-    if many:
-        row("1,000 x 256: compiled lamb <= 1.5 x AdamW(fused=True)", _ratio(many, LAMB, FUSED),
-            1.5)
+    row("BERT-base: compiled lamb <= 1.5 x AdamW(fused=True)", get(base, LAMB), 1.5)
+    row("BERT-base: compiled lamb <= 1.6 x the one-pass floor", get(base, LAMB, "vs_floor"), 1.6)
+    row("BERT-base: eager lamb <= 1.5 x AdamW(foreach=True)", get(base, EAGER), 1.5)
+    row("1,000 x 256: compiled lamb <= 1.5 x AdamW(fused=True)", get(many, LAMB), 1.5)
     c = probes.get("compile_s")
     if c:
         out.append(f"| cold compile of BERT-base lamb <= 30 s | {c['base']['compile']:.1f} s | "
@@ -73,10 +65,10 @@ def _targets(results: list[dict], probes: dict) -> list[str]:
         live = mem["live"] if mem.get("live") is not None else mem["first"]
         ok = max(live, mem["steady"], mem["fresh"]) <= allowed
         out.append(f"| a step adds <= state + one largest parameter (+ the layout) | first step "
-                   f"{live:.0f} MiB kept (resident peak {mem['first']:.0f}, see below), later "
-                   f"steps {max(mem['steady'], mem['fresh']):.0f} MiB; state "
-                   f"{mem['state']:.0f} + largest {mem['largest']:.0f} = {allowed:.0f} MiB | "
-                   f"{'yes' if ok else '**no**'}{' (kept memory; not the resident peak)' if ok and mem['first'] > allowed else ''} |")
+                   f"{live:.0f} MiB kept (resident peak {mem['first']:.0f}), later steps "
+                   f"{max(mem['steady'], mem['fresh'], 0):.0f} MiB; state {mem['state']:.0f} + "
+                   f"largest {mem['largest']:.0f} = {allowed:.0f} MiB | "
+                   f"{'yes' if ok else '**no**'} |")
     return out + [""]
 
 
@@ -88,10 +80,11 @@ def _probes(probes: dict) -> list[str]:
                 "Compile: the time dynamo reports for compiling during the first step "
                 "(tracing, inductor, the C++ build). The first step also lays the "
                 "parameters out and creates the state, which grows with the model.", "",
-                "| set | compile s | first step s | later step s |",
+                "| set | compile s (median; each run) | first step s | later step s |",
                 "| --- | ---: | ---: | ---: |"]
         for name, r in c.items():
-            out.append(f"| {TITLES[name]} | {r['compile']:.2f} | {r['first']:.2f} | "
+            each = ", ".join(f"{x:.1f}" for x in r.get("all", []))
+            out.append(f"| {TITLES[name]} | {r['compile']:.2f} ({each}) | {r['first']:.2f} | "
                        f"{r['steady']:.3f} |")
         out.append("")
     mem = probes.get("memory")
@@ -117,8 +110,8 @@ def markdown(results: list[dict], probes: dict, device: str, argv: str) -> str:
     lines = ["# Step-time benchmark", "",
              f"Made by: `python benchmarks/step_time.py {argv}`", "",
              f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-             "float32. Methods of a set were timed interleaved (each repeat steps every "
-             "method once, in turn), so ratios within a table are side by side.", ""]
+             "float32. Methods were timed in groups, interleaved (each repeat steps every "
+             "method of the group once, in turn); ratios are per repeat, side by side.", ""]
     lines += _targets(results, probes)
     for r in results:
         lines += _table(r)

@@ -9,10 +9,11 @@ Usage (writes benchmarks/RESULTS.md and RESULTS.json)::
 Parameter sets (float32, weights randn*0.02): ``small`` (BERT-small, hidden
 512, 4 layers), ``base`` (BERT-base, 199 tensors, 109.5M values), ``large``
 (BERT-large, hidden 1024, 24 layers) and ``many`` (1,000 tensors of 256
-values). For each set the methods run *interleaved*: every repeat times one
-step of each method in turn, so that a machine whose speed drifts (these are
-shared) slows all of them alike, and the report gives each method's median
-and minimum and its ratio to the anchors measured in the same run.
+values). For each set the methods run in groups, *interleaved*: every repeat
+times one step of each method of the group in turn, and a method's ratio to
+its group's torch.optim AdamW (and, in the first group, to the floor) is
+taken per repeat from steps run back to back, then summarised by its median:
+a machine whose speed drifts (these are shared) moves both alike.
 
 Methods: layerwise ``lamb`` and ``lars``, compiled and eager; torch.optim
 AdamW with ``fused=True`` and ``foreach=True`` (the anchors of issue 11);
@@ -31,8 +32,9 @@ element of w is written): at least 40 B/parameter, 1.43 x the floor.
 
 Probes, each in a fresh process (``benchmarks/probes.py``): the cold compile
 time of the lamb step (empty inductor cache) on BERT-small, -base and
--large, and the memory a compiled lamb step adds (CPU: resident set high
-water mark; CUDA: the allocator's peak).
+-large (three runs each, interleaved; medians), and the memory a compiled
+lamb step adds (CPU: resident set high water mark; CUDA: the allocator's
+peak).
 """
 from __future__ import annotations
 
@@ -88,8 +90,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def methods(device: str) -> list[tuple[str, bool, callable]]:
-    """(label, fresh gradients?, factory(params) -> step callable), in report order."""
+def methods(device: str) -> list[list[tuple[str, bool, callable]]]:
+    """Groups of (label, fresh gradients?, factory(params) -> step callable), in
+    report order. The methods of a group are timed interleaved, step by step;
+    the first method of the first group is the floor's neighbour, and each
+    group's torch.optim AdamW is the anchor its other rows are paired with."""
     import layerwise as lw
 
     def lw_opt(spec, compile):
@@ -98,36 +103,41 @@ def methods(device: str) -> list[tuple[str, bool, callable]]:
     def adamw(**kw):
         return lambda ps: torch.optim.AdamW(ps, lr=1e-3, **kw).step
 
-    out = [("layerwise lamb (compiled)", False, lw_opt("lamb", True)),
-           ("torch.optim.AdamW (fused)", False, adamw(fused=True)),
-           ("layerwise lamb (eager)", False, lw_opt("lamb", False)),
-           ("torch.optim.AdamW (foreach)", False, adamw(foreach=True)),
-           ("layerwise lamb (compiled), fresh gradients", True, lw_opt("lamb", True)),
-           ("torch.optim.AdamW (fused), fresh gradients", True, adamw(fused=True)),
-           ("layerwise lars (compiled)", False, lw_opt("lars", True)),
-           ("layerwise lars (eager)", False, lw_opt("lars", False))]
+    groups = [[("layerwise lamb (compiled)", False, lw_opt("lamb", True)),
+               ("torch.optim.AdamW (fused)", False, adamw(fused=True))],
+              [("layerwise lamb (eager)", False, lw_opt("lamb", False)),
+               ("torch.optim.AdamW (foreach)", False, adamw(foreach=True))],
+              [("layerwise lamb (compiled), fresh gradients", True, lw_opt("lamb", True)),
+               ("torch.optim.AdamW (fused), fresh gradients", True, adamw(fused=True))],
+              [("layerwise lars (compiled)", False, lw_opt("lars", True)),
+               ("layerwise lars (eager)", False, lw_opt("lars", False)),
+               ("torch.optim.AdamW (fused), beside lars", False, adamw(fused=True))]]
+    others = []
     try:
         import pytorch_optimizer as po
-        out += [("pytorch_optimizer Lamb", False,
-                 lambda ps: po.Lamb(ps, lr=1e-3, weight_decay=0.01).step),
-                ("pytorch_optimizer LARS", False,
-                 lambda ps: po.LARS(ps, lr=1e-3, weight_decay=1e-4).step)]
+        others += [("pytorch_optimizer Lamb", False,
+                    lambda ps: po.Lamb(ps, lr=1e-3, weight_decay=0.01).step),
+                   ("pytorch_optimizer LARS", False,
+                    lambda ps: po.LARS(ps, lr=1e-3, weight_decay=1e-4).step)]
     except ImportError:
         print("pytorch_optimizer not installed: skipped", file=sys.stderr)
     try:
         import torch_optimizer as to
-        out += [("torch_optimizer Lamb", False,
-                 lambda ps: to.Lamb(ps, lr=1e-3, weight_decay=0.01).step)]
+        others += [("torch_optimizer Lamb", False,
+                    lambda ps: to.Lamb(ps, lr=1e-3, weight_decay=0.01).step)]
     except ImportError:
         print("torch_optimizer not installed: skipped", file=sys.stderr)
     if device.startswith("cuda"):
         try:
             from apex.optimizers import FusedLAMB
-            out += [("apex FusedLAMB", False,
-                     lambda ps: FusedLAMB(ps, lr=1e-3, weight_decay=0.01).step)]
+            others += [("apex FusedLAMB", False,
+                        lambda ps: FusedLAMB(ps, lr=1e-3, weight_decay=0.01).step)]
         except ImportError:
             print("apex not installed: FusedLAMB skipped", file=sys.stderr)
-    return out
+    if others:
+        groups.append(others + [("torch.optim.AdamW (fused), beside the third-party", False,
+                                  adamw(fused=True))])
+    return groups
 
 
 def floor_step(numel: int, device: str):
@@ -145,6 +155,8 @@ def floor_step(numel: int, device: str):
 
 
 def _stepper(factory, fresh: bool, shapes, device: str):
+    """A step callable on fresh parameters; with ``fresh``, new gradient tensors
+    (pre-made, two alternating sets) are assigned before every step."""
     params = make_params(shapes, device)
     step = factory(params)
     if not fresh:
@@ -163,39 +175,55 @@ def _stepper(factory, fresh: bool, shapes, device: str):
     return fresh_step
 
 
-def run_set(name: str, device: str, warmup: int, repeats: int, only: set[str] | None,
-            group: int) -> dict:
-    """Time every method on set ``name``, interleaved in groups of ``group``
-    methods (each group's parameters, gradients and states stay alive together)."""
+def run_set(name: str, device: str, warmup: int, repeats: int, only: set[str] | None) -> dict:
+    """Time every group of methods on set ``name``: the methods of a group step
+    in turn, ``repeats`` times (the first group with the floor kernel too).
+    Each method's ratio to its group's AdamW (and, in the first group, to the
+    floor) is taken per repeat, from steps run back to back, and summarised by
+    its median and minimum: a machine whose speed drifts moves both alike."""
     shapes = set_shapes(name)
     numel = sum(torch.Size(s).numel() for s in shapes)
-    chosen = [(label, fresh, f) for label, fresh, f in methods(device)
-              if not only or any(o in label for o in only)]
-    timed: dict[str, list[float]] = {}
-    todo = [("floor", False, None)] + chosen
-    for start in range(0, len(todo), group):
-        steps = {}
-        for label, fresh, factory in todo[start:start + group]:
-            steps[label] = floor_step(numel, device) if factory is None else \
-                _stepper(factory, fresh, shapes, device)
+    out = {"set": name, "tensors": len(shapes), "numel": numel, "methods": {}}
+    for k, group in enumerate(methods(device)):
+        group = [m for m in group if not only or any(o in m[0] for o in only)
+                 or m[0].startswith("torch.optim.AdamW")]
+        steps = {label: _stepper(factory, fresh, shapes, device)
+                 for label, fresh, factory in group}
+        if k == 0:
+            steps["floor"] = floor_step(numel, device)
+        for step in steps.values():
             for _ in range(warmup):
-                steps[label]()
-            _sync(device)
+                step()
+        _sync(device)
+        timed: dict[str, list[float]] = {label: [] for label in steps}
         for _ in range(repeats):
             for label, step in steps.items():
                 t0 = time.perf_counter()
                 step()
                 _sync(device)
-                timed.setdefault(label, []).append(time.perf_counter() - t0)
-        for label in steps:
-            print(f"{name:5s} {label:45s} median {statistics.median(timed[label]) * 1e3:9.2f} ms",
+                timed[label].append(time.perf_counter() - t0)
+        anchor = next(label for label in steps if label.startswith("torch.optim.AdamW"))
+        for label, ts in timed.items():
+            if label == "floor":
+                continue
+            row = {"median_s": statistics.median(ts), "min_s": min(ts), "anchor": anchor,
+                   "vs_anchor": _paired(ts, timed[anchor])}
+            if "floor" in timed:
+                row["vs_floor"] = _paired(ts, timed["floor"])
+            out["methods"][label] = row
+            print(f"{name:5s} {label:50s} median {row['median_s'] * 1e3:9.2f} ms, "
+                  f"x{row['vs_anchor']['median']:.2f} paired with {anchor}",
                   file=sys.stderr, flush=True)
+        if "floor" in timed:
+            out["floor_s"] = statistics.median(timed["floor"])
+            out["bandwidth_GBps"] = 28 * numel / out["floor_s"] / 1e9
         del steps
-    floor = statistics.median(timed.pop("floor"))
-    return {"set": name, "tensors": len(shapes), "numel": numel, "floor_s": floor,
-            "bandwidth_GBps": 28 * numel / floor / 1e9,
-            "methods": {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v)}
-                        for k, v in timed.items()}}
+    return out
+
+
+def _paired(times: list[float], anchor: list[float]) -> dict:
+    ratios = [a / b for a, b in zip(times, anchor)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def main(argv=None) -> int:
@@ -203,9 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", default="base,many,small")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (no GPU here: CPU only)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--group", type=int, default=4,
-                        help="methods timed interleaved at once (memory: 4 x BERT-base fits)")
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--only", default="", help="comma-separated substrings of method labels")
     parser.add_argument("--no-probes", action="store_true",
                         help="skip the compile-time and memory probes")
@@ -214,13 +240,18 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     only = {o for o in args.only.split(",") if o} or None
-    results = [run_set(s, args.device, args.warmup, args.repeats, only, args.group)
+    results = [run_set(s, args.device, args.warmup, args.repeats, only)
                for s in args.sets.split(",")]
     probes = {}
     if not args.no_probes:
         import probes as probe
-        probes["compile_s"] = {s: probe.compile_time(s, args.device)
-                               for s in ("small", "base", "large")}
+        # three cold compiles per set, interleaved: one varies by +-30% on a shared machine
+        runs = {s: [] for s in ("small", "base", "large")}
+        for _ in range(3):
+            for s in runs:
+                runs[s].append(probe.compile_time(s, args.device))
+        probes["compile_s"] = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                               | {"all": [r["compile"] for r in rs]} for s, rs in runs.items()}
         probes["memory"] = probe.step_memory("base", args.device)
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(results, probes, args.device, argv_text)

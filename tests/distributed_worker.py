@@ -71,23 +71,27 @@ PROGRAMS = {
     "nvlamb": ("nvlamb", {"lr": 0.05, "max_grad_norm": 0.5}, False),
     "all_reductions": (ALL_REDUCTIONS, {}, False),
     "lamb_compiled": (LAMB_WATCHED, {"lr": 0.05}, True),
+    "lamb_float64": (LAMB_WATCHED, {"lr": 0.05}, False),
+    "all_reductions_float64": (ALL_REDUCTIONS, {}, False),
 }
+#: programs run in float64 (the others in float32)
+FLOAT64 = {"lamb_float64", "all_reductions_float64"}
 
 
 def spec_of(program: str) -> lw.Spec:
     return lw.parse(program, filename="test.lw") if "\n" in program else lw.load(program)
 
 
-def make_model(depth: int = 1) -> torch.nn.Sequential:
-    """Linear(7, 5), ``depth`` x (Tanh, Linear(5, 5)), Tanh, Linear(5, 1), float32,
-    seeded. The 5- and 1-row tensors shard unevenly over 2 ranks; the last
-    bias leaves rank 1 an empty shard."""
+def make_model(depth: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    """Linear(7, 5), ``depth`` x (Tanh, Linear(5, 5)), Tanh, Linear(5, 1), in
+    ``dtype``, seeded. The 5- and 1-row tensors shard unevenly over 2 ranks;
+    the last bias leaves rank 1 an empty shard."""
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = [torch.nn.Linear(7, 5)]
     for _ in range(depth):
         layers += [torch.nn.Tanh(), torch.nn.Linear(5, 5)]
     layers += [torch.nn.Tanh(), torch.nn.Linear(5, 1)]
-    return torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers).to(dtype)
 
 
 def batch(step: int, rank: int | None = None, world: int = 2):
@@ -103,8 +107,9 @@ def batch(step: int, rank: int | None = None, world: int = 2):
 def train(model, opt, steps: range, rank: int | None) -> list[int]:
     """Run ``steps``; returns the gloo collectives each ``opt.step()`` made."""
     counts = []
+    dtype = next(model.parameters()).dtype
     for k in steps:
-        x, y = batch(k, rank)
+        x, y = (t.to(dtype) for t in batch(k, rank))
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -116,7 +121,7 @@ def train(model, opt, steps: range, rank: int | None) -> list[int]:
 def reference(name: str) -> dict:
     """The single-process run of program ``name``: full parameters and watched values."""
     program, hypers, _ = PROGRAMS[name]
-    model = make_model()
+    model = make_model(dtype=torch.float64 if name in FLOAT64 else torch.float32)
     opt = lw.Optimizer(model.named_parameters(), spec_of(program), compile=False, **hypers)
     train(model, opt, range(STEPS), None)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -144,8 +149,9 @@ def _fsdp2(model, mesh):
     return fully_shard(model, mesh=mesh)
 
 
-def _build(engine: str, mesh, program: str, hypers: dict, compile: bool, depth: int = 1):
-    model = make_model(depth)
+def _build(engine: str, mesh, program: str, hypers: dict, compile: bool, depth: int = 1,
+           dtype: torch.dtype = torch.float32):
+    model = make_model(depth, dtype)
     if engine == "fsdp2":
         model = _fsdp2(model, mesh)
     else:
@@ -184,9 +190,10 @@ def main(out: Path, mode: str) -> None:
         return
     for name, (program, hypers, compile) in PROGRAMS.items():
         for engine in ("fsdp2", "ddp"):
-            if compile and engine == "ddp":
+            if (compile or name in FLOAT64) and engine == "ddp":
                 continue
-            model, opt = _build(engine, mesh, program, hypers, compile)
+            model, opt = _build(engine, mesh, program, hypers, compile,
+                                dtype=torch.float64 if name in FLOAT64 else torch.float32)
             counts = train(model, opt, range(CHECKPOINT_AT), rank)
             if name == "lamb" and engine == "fsdp2":
                 _checkpoint(model, opt, out / "ckpt", load=False)

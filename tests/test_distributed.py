@@ -19,6 +19,7 @@ import distributed_worker as worker
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 RTOL, ATOL = 1e-5, 1e-6   # float32: the sums over shards add in another order
+# float64: 1e-12 relative
 
 
 def _launch(out: Path, mode: str) -> None:
@@ -45,12 +46,14 @@ def _load(path: Path) -> dict:
 # only), the global reductions (2: the norm inside global_norm's argument,
 # then the global sums) and the update's two reduction levels.
 EXPECTED = {"lamb": (1, 1), "lars": (1, 1), "nvlamb": (2, 2), "all_reductions": (5, 4),
-            "lamb_compiled": (1, 1)}
+            "lamb_compiled": (1, 1), "lamb_float64": (1, 1), "all_reductions_float64": (5, 4)}
 
 
-# the compiled run is made under FSDP2 only (under DDP nothing differs from one process)
+# the compiled and float64 runs are made under FSDP2 only (under DDP nothing
+# differs from one process)
 CASES = [(name, engine) for name, (_, _, compiled) in worker.PROGRAMS.items()
-         for engine in ("fsdp2", "ddp") if not (compiled and engine == "ddp")]
+         for engine in ("fsdp2", "ddp")
+         if not ((compiled or name in worker.FLOAT64) and engine == "ddp")]
 
 
 @pytest.mark.parametrize("name, engine", CASES)
@@ -58,16 +61,19 @@ def test_two_processes_match_one(runs, name, engine):
     """Every parameter and every watched value equals the single-process run's."""
     got = _load(runs / f"{name}_{engine}.pt")
     want = worker.reference(name)
+    rtol, atol = (1e-12, 1e-14) if name in worker.FLOAT64 else (RTOL, ATOL)
     assert got["params"].keys() == want["params"].keys()
     for n, p in want["params"].items():
-        torch.testing.assert_close(got["params"][n], p, rtol=RTOL, atol=ATOL, msg=n)
+        assert got["params"][n].dtype == p.dtype
+        torch.testing.assert_close(got["params"][n], p, rtol=rtol, atol=atol, msg=n)
     assert want["watched"] and got["watched"].keys() == want["watched"].keys()
     for k, per in want["watched"].items():
         assert per.keys() == got["watched"][k].keys()
         for n, values in per.items():
             assert len(values) == worker.STEPS
-            torch.testing.assert_close(torch.tensor(got["watched"][k][n]), torch.tensor(values),
-                                       rtol=RTOL, atol=ATOL, msg=f"watched {k} of {n}")
+            torch.testing.assert_close(torch.tensor(got["watched"][k][n], dtype=torch.float64),
+                                       torch.tensor(values, dtype=torch.float64),
+                                       rtol=rtol, atol=atol, msg=f"watched {k} of {n}")
     # FSDP2: one gather per reduction phase; DDP: none (every rank holds everything)
     first, later = (0, 0) if engine == "ddp" else EXPECTED[name]
     assert got["collectives"] == [first] + [later] * (worker.STEPS - 1)
