@@ -64,11 +64,13 @@ def _targets(results: list[dict], probes: dict) -> list[str]:
         allowed = mem["state"] + mem["largest"]
         live = mem["live"] if mem.get("live") is not None else mem["first"]
         ok = max(live, mem["steady"], mem["fresh"]) <= allowed
+        peak = ("" if mem["first"] <= allowed else
+                f"; the resident peak of the first step, {mem['first']:.0f} MiB, is above it: "
+                "glibc kept the freed old storage of the parameters and gradients")
         out.append(f"| a step adds <= state + one largest parameter (+ the layout) | first step "
-                   f"{live:.0f} MiB kept (resident peak {mem['first']:.0f}), later steps "
-                   f"{max(mem['steady'], mem['fresh'], 0):.0f} MiB; state {mem['state']:.0f} + "
-                   f"largest {mem['largest']:.0f} = {allowed:.0f} MiB | "
-                   f"{'yes' if ok else '**no**'} |")
+                   f"{live:.0f} MiB kept, later steps {max(mem['steady'], mem['fresh'], 0):.0f}"
+                   f" MiB; state {mem['state']:.0f} + largest {mem['largest']:.0f} = "
+                   f"{allowed:.0f} MiB{peak} | {'yes (kept memory)' if ok else '**no**'} |")
     return out + [""]
 
 

@@ -322,7 +322,7 @@ def main():
         pts = [(len(SETS[s][1]), res[1, s]["cold"]) for s in SMALL]
         slope, icpt = statistics.linear_regression(*zip(*pts))  # least squares t = a + b*N
         fit = icpt, slope
-        lines += [f"Design 1 compile-time fit over N = 4, 16, 64 ("
+        lines += ["Design 1 compile-time fit over N = 4, 16, 64 ("
                   + ", ".join(f"{t:.1f} s" for _, t in pts)
                   + f"): {fit[0]:.1f} s + {fit[1]:.2f} s per tensor.", ""]
     for s in sets:

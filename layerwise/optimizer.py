@@ -194,7 +194,7 @@ class Optimizer(torch.optim.Optimizer):
             b.T.copy_(torch.where(b.active, t, b.T))
         bs.finish()
         if self.program.watches:
-            for b, (_, vec) in zip(buckets, outputs):
+            for b, vec in zip(buckets, outputs):
                 names = [s.name for s, on in zip(b.slots, b.active_key) if on]
                 index = [s.index for s, on in zip(b.slots, b.active_key) if on]
                 values = torch.stack([torch.broadcast_to(torch.as_tensor(

@@ -131,7 +131,7 @@ def test_channels_last_conv_matches_contiguous(spec, dtype, rtol, compile):
     for a, b in zip(conv.parameters(), ref.parameters()):
         # atol scaled to the tensor: elements near zero (w - lr * tr * u cancels)
         # have large relative errors from a one-ulp change of tr
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.detach().abs().max()))
     cl = torch.channels_last
     assert conv.weight.is_contiguous(memory_format=cl)
     state = opt.state[conv.weight]

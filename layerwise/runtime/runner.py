@@ -35,9 +35,9 @@ class Runner:
     """The passes of one lowered program, eager (``compile=False``) or compiled.
 
     ``chunk``: the chunk length C its graphs are made for (buckets must use
-    the same). An *environment* maps the names of a procedure's per-parameter inputs to
-    ``(P,)`` vectors (or 0-d globals) of one bucket: ``t`` (this step's step
-    count), ``numel``, each hyper, each layer state, each global value.
+    the same). An *environment* maps the names of a procedure's per-parameter
+    inputs to ``(P,)`` vectors (or 0-d globals) of one bucket: ``t`` (this
+    step's step count), ``numel``, each hyper, each layer state, each global.
     """
 
     def __init__(self, lowered: Lowered, compile: bool, chunk: int = CHUNK):
@@ -61,8 +61,8 @@ class Runner:
         vec = [reds[p.reads[n]] if n in p.reads else env[n] for n in f.vec_inputs]
         if active is bucket.active:
             # eager: None when every segment is active (writes become plain copies)
-            act = None if self._eager[id(p)] and all(bucket.active_key) and \
-                len(bucket.active_key) == bucket.P - 1 else bucket.active_chunks
+            act = None if self._eager[id(p)] and all(bucket.active_key) \
+                else bucket.active_chunks
         else:
             act = active[bucket.seg].unsqueeze(1)
         eager_cpu = self._eager[id(p)] and bucket.device.type == "cpu"
@@ -73,30 +73,27 @@ class Runner:
                                 bucket.seg, valid, active, act)
 
     def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
-            actives: Sequence[torch.Tensor], combine: Combiner | None):
+            actives: Sequence[torch.Tensor], combine: Combiner | None) -> list[list]:
         """Run procedure ``name`` over ``buckets`` (segments where ``actives``
-        is True are written); returns, per bucket, the final pass's partials
-        (``(P,)`` float64, combined) and per-parameter outputs."""
+        is True are written); returns, per bucket, the final pass's
+        per-parameter outputs (``(P,)`` vectors, 0-d tensors or floats)."""
         proc: Procedure = self.procs[name]
         reds = [[None] * proc.reductions for _ in buckets]
         for lv in proc.levels:
-            per_bucket = [self._reduce(b, lv, self._call(lv, b, env, r, a)[0], lv.flat.partials)
+            per_bucket = [self._reduce(b, self._call(lv, b, env, r, a)[0], lv.flat.partials)
                           for b, env, r, a in zip(buckets, envs, reds, actives)]
             if combine is not None:
                 combine(per_bucket, list(lv.flat.partials))
             for b, r, values in zip(buckets, reds, per_bucket):
                 for i, v in zip(lv.computes, values):
                     r[i] = v.to(b.cdtype)
-        out = []
-        for b, env, r, a in zip(buckets, envs, reds, actives):
-            partials, vec = self._call(proc.final, b, env, r, a)
-            out.append((self._reduce(b, proc.final, partials, proc.final.flat.partials), vec))
-        if combine is not None and proc.final.flat.partials:
-            combine([p for p, _ in out], list(proc.final.flat.partials))
-        return out
+        # a final pass returns no partials: every reduction is a level's
+        return [self._call(proc.final, b, env, r, a)[1]
+                for b, env, r, a in zip(buckets, envs, reds, actives)]
 
     @staticmethod
-    def _reduce(b: Bucket, p: Pass, chunk_partials, how) -> list[torch.Tensor]:
+    def _reduce(b: Bucket, chunk_partials, how) -> list[torch.Tensor]:
+        """Each parameter's total of its chunks' partials: ``(P,)`` float64."""
         return [torch.segment_reduce(x.to(torch.float64), "sum" if kind == "sum" else "max",
                                      offsets=b.offsets, initial=0.0)
                 for x, kind in zip(chunk_partials, how)]
@@ -111,7 +108,7 @@ class Runner:
         totals = []
         for i in range(len(self.lowered.globals)):
             total = torch.zeros((), dtype=torch.float64, device=device)
-            for b, (_, shares), a in zip(buckets, out, actives):
+            for b, shares, a in zip(buckets, out, actives):
                 # shares are whole-parameter values (sharded partials were
                 # combined by the level passes), the same on every rank
                 share = torch.as_tensor(shares[i], dtype=torch.float64, device=b.device)
