@@ -58,6 +58,15 @@ class Scan:
     active: bool = False
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; on CUDA without making the host wait (pinned
+    memory, a non-blocking copy). These are the step's only host to device
+    copies: hypers and the active mask, when they change."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def bucket_key(p: torch.Tensor) -> tuple:
     """Parameters sharing a bucket: same dtype, same device."""
     lp = local(p)
@@ -207,7 +216,7 @@ class BucketSet:
             if init:
                 mask = torch.zeros(b.P, dtype=torch.bool)
                 mask[init] = True
-                mask = mask.to(b.device)
+                mask = _to_device(mask, b.device)
                 for i in init:
                     self._install(b, b.slots[i], state)
             out.append((b, mask))
@@ -328,12 +337,13 @@ class BucketSet:
                 values = tuple(float(slot.overrides.get(k, v)) for k, v in zip(names, values))
             rows.append(values)
         rows.append((0.0,) * len(names))               # the dummy segment
-        b.H.copy_(torch.tensor(rows, dtype=b.cdtype).T)
+        b.H.copy_(_to_device(torch.tensor(rows, dtype=b.cdtype).T.contiguous(), b.device))
         b.hyper_key = group_values
 
     @staticmethod
     def _set_active(b: Bucket, flags: tuple) -> None:
         if flags != b.active_key:
-            b.active.copy_(torch.tensor(list(flags) + [False], dtype=torch.bool))
+            b.active.copy_(_to_device(torch.tensor(list(flags) + [False], dtype=torch.bool),
+                                      b.device))
             b.active_chunks = b.active[b.seg].unsqueeze(1)
             b.active_key = flags
