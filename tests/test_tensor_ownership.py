@@ -451,3 +451,29 @@ def test_tying_a_parameter_to_another_after_the_first_step_is_refused():
     with pytest.raises(ValueError, match="parameter a shares memory with another parameter"):
         opt.step()
     assert torch.equal(b, before)
+
+
+def test_each_tensor_handed_out_has_a_storage_of_its_own():
+    """Parameters, gradients and states live in shared flat buffers, but each
+    tensor handed to the user has a storage object covering just its own
+    elements: savers that group tensors by storage (safetensors refuses shared
+    ones; accelerate's safetensors path keeps one tensor per storage and drops
+    the rest) see independent tensors, and ``torch.save`` of one parameter
+    writes its own bytes, not the whole buffer."""
+    ours, ref = pair()
+    opt, _ = optimizers(ours, ref)
+    x, y = data(7, *Net.io[0]), data(8, *Net.io[1])
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(ours(x), y).backward()
+        opt.step()
+    tensors = list(ours.state_dict().values())
+    tensors += [p.grad for p in ours.parameters()]
+    tensors += [v for st in opt.state.values() for v in st.values()]
+    keys = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+    assert len(keys) == len(tensors)
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    buf = io.BytesIO()
+    torch.save(ours.fc.weight.detach(), buf)
+    assert len(buf.getvalue()) < 2000 + ours.fc.weight.numel() * 8

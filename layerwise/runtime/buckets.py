@@ -185,7 +185,8 @@ class BucketSet:
             self._relayout(scan, state)
         out = []
         for b in self.buckets.values():
-            if any(s.moved and s.adopted for s in b.slots) and not b.param_buffer_free():
+            if any(s.moved and s.adopted and not b.is_adopted_view(s) and not b.slot_free(s.w)
+                   for s in b.slots):
                 b.fresh_param_buffer()       # someone holds a view of a left slot
             init, fresh, flags = [], [], []
             for slot in b.slots:

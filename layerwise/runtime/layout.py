@@ -89,14 +89,31 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _users(t: torch.Tensor) -> int:
+    """How many tensors hold ``t``'s storage (``t`` included)."""
+    storage = t.untyped_storage()
+    return torch._C._storage_Use_Count(storage._cdata) - 1    # minus ``storage`` itself
+
+
+def own_view(buf: torch.Tensor, shape, stride, offset: int) -> torch.Tensor:
+    """A view of ``buf`` (elements from ``offset`` on, ``shape`` and ``stride``)
+    with a storage object of its own that covers just its elements (through
+    DLPack; on any device). Parameters, gradients and states handed to the
+    user are such views: to code that groups tensors by storage (safetensors,
+    accelerate's and transformers' savers drop or refuse tensors that share
+    one) each is a tensor of its own, and ``torch.save`` of one writes its
+    elements only. Empty views are plain views."""
+    view = torch.as_strided(buf, shape, stride, buf.storage_offset() + offset)
+    return torch.from_dlpack(view) if view.numel() else view
+
+
 def owns_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` is the only tensor using its storage and fills it exactly."""
     if t.numel() == 0 or not dense(t) or t.storage_offset() != 0:
         return False
     storage = t.untyped_storage()
-    # the count includes ``storage`` itself: 2 means no other tensor holds it
     return (storage.nbytes() == t.numel() * t.element_size() and not storage.is_shared()
-            and torch._C._storage_Use_Count(storage._cdata) == 2)
+            and _users(t) == 1)
 
 
 @dataclass(eq=False)
@@ -201,10 +218,8 @@ class Bucket:
             s.g = self._view(self.G, s)
             s.ptr = s.w.data_ptr() if s.numel else 0
             s.states = {n: self._view(buf, s) for n, buf in self.S.items()}
-            s.states.update({n: vec[s.index] for n, vec in self.L.items()})
-            s.states["step"] = self.T[s.index]
-        self._g_users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
-        self._w_users = torch._C._storage_Use_Count(self.W.untyped_storage()._cdata)
+            s.states.update({n: own_view(vec, (), (), s.index) for n, vec in self.L.items()})
+            s.states["step"] = own_view(self.T, (), (), s.index)
         self.grads_exposed = False
         by_group: dict[object, list[int]] = {}
         for s in self.slots:
@@ -238,7 +253,7 @@ class Bucket:
         return buf
 
     def _view(self, buf: torch.Tensor, s: Slot) -> torch.Tensor:
-        return torch.as_strided(buf, s.shape, s.stride, buf.storage_offset() + s.chunk0 * self.chunk)
+        return own_view(buf, s.shape, s.stride, s.chunk0 * self.chunk)
 
     # ------------------------------------------------------------ parameters
     def adopt(self, s: Slot) -> bool:
@@ -260,45 +275,49 @@ class Bucket:
         p = s.param
         return p.data_ptr() == s.ptr and p.shape == s.shape and p.stride() == s.stride
 
-    def param_buffer_free(self) -> bool:
-        """Whether slots of ``W`` whose parameter left them may be written again:
-        no tensor views ``W`` but this bucket's own views and the adopted
-        parameters that still are theirs (a held ``old = p.data`` would)."""
-        adopted = sum(1 for s in self.slots if s.adopted and self.is_adopted_view(s))
-        return torch._C._storage_Use_Count(self.W.untyped_storage()._cdata) == \
-            self._w_users + adopted
+    @staticmethod
+    def slot_free(view: torch.Tensor) -> bool:
+        """Whether nobody but this bucket holds the storage of its ``view`` (a
+        parameter that left it, or a held ``old = p.data``, would)."""
+        return _users(view) == 1
 
     def fresh_param_buffer(self) -> None:
-        """Give ``W`` new memory. Parameters that still are views of the old one
-        stay there and are packed from now on (copied in and out), so every
+        """Give ``W`` new memory, because a tensor outside the bucket still views
+        a slot whose parameter left it. Every adopted parameter that nothing
+        else views moves to the new memory with its values; the others stay
+        where they are and are packed from now on (copied in and out), so every
         tensor that views the old memory keeps seeing what torch.optim would
         show it: its parameter's updates, or the values it had when its
         parameter left it."""
         self.W = self._buffer(self.dtype)
         for s in self.slots:
+            old, was_view = s.w, s.adopted and self.is_adopted_view(s)
             s.w = self._view(self.W, s)
             s.ptr = s.w.data_ptr() if s.numel else 0
-            s.adopted = False
-        self._w_users = torch._C._storage_Use_Count(self.W.untyped_storage()._cdata)
+            # the parameter and ``old`` hold the storage: nobody else does
+            if was_view and _users(old) == 2:
+                with torch.no_grad():
+                    s.w.copy_(old)
+                    s.param.data = s.w
+            else:
+                s.adopted = False
 
     def owns_memory(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` views one of this bucket's buffers."""
+        """Whether ``t``'s storage lies in one of this bucket's buffers."""
+        if t.numel() == 0:
+            return False
         ptr = t.untyped_storage().data_ptr()
-        return any(ptr == buf.untyped_storage().data_ptr()
+        return any(buf.data_ptr() <= ptr < buf.data_ptr() + buf.numel() * buf.element_size()
                    for buf in (self.W, self.G, *self.S.values()))
 
     # ------------------------------------------------------------ gradients
     def grad_buffer_free(self, slots: list[Slot]) -> bool:
-        """Whether the gradient views of ``slots`` may be overwritten: no tensor
-        outside this bucket views ``G`` (beyond the ``.grad`` handed out), and
-        nobody holds one of these slots' views after it stopped being a
-        ``.grad``."""
+        """Whether the gradient views of ``slots`` (no longer their
+        parameters' ``.grad``) may be overwritten: nobody holds one of them,
+        or a view of one."""
         if not self.grads_exposed:
             return True
-        users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
-        if users != self._g_users:
-            return False
-        return all(sys.getrefcount(s.g) <= 2 for s in slots)
+        return all(sys.getrefcount(s.g) <= 2 and self.slot_free(s.g) for s in slots)
 
     def fresh_grad_buffer(self) -> None:
         """Give ``G`` new memory (the old views stay with whoever holds them),
@@ -311,7 +330,6 @@ class Bucket:
             if p.grad is g_old:
                 s.g.copy_(g_old)
                 p.grad = s.g
-        self._g_users = torch._C._storage_Use_Count(self.G.untyped_storage()._cdata)
 
     def state_entries(self, s: Slot, like) -> dict[str, torch.Tensor]:
         """The tensors ``optimizer.state[p]`` holds for ``s``: views of the
