@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Builtin", "BUILTINS", "KINDS", "widest", "PREDEFINED", "PREDICATE_NAMES"]
+__all__ = ["Builtin", "BUILTINS", "KINDS", "widest", "PREDEFINED", "PREDICATE_NAMES",
+           "RULE_NAMES"]
 
 #: Kinds from narrowest to widest (LANGUAGE.md section 5).
 KINDS = ("const", "global", "layer", "elem")
@@ -41,5 +42,9 @@ BUILTINS: dict[str, Builtin] = {
 #: Names every step block starts with, and what they are.
 PREDEFINED = {"w": "the parameter", "g": "its gradient", "t": "this parameter's step count"}
 
-#: Names a ``for`` predicate may use (LANGUAGE.md section 6).
-PREDICATE_NAMES = ("ndim", "numel", "name")
+#: Names a ``for`` predicate may use (LANGUAGE.md sections 6 and 10).
+PREDICATE_NAMES = ("ndim", "numel", "rows", "cols", "name")
+
+#: The parameter's numbers a ``for`` rule's value may use besides hypers
+#: (LANGUAGE.md section 11): those of its plain matrix view.
+RULE_NAMES = ("ndim", "numel", "rows", "cols")

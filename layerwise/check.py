@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Sequence
 
-from .builtins import BUILTINS, PREDICATE_NAMES, widest
+from .builtins import BUILTINS, PREDICATE_NAMES, RULE_NAMES, widest
 from .errors import Problem, Span, SpecError, suggest
 from .extends import Declarations, collect
 from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary, children,
@@ -56,9 +56,15 @@ class State:
 
 @dataclass(frozen=True)
 class Rule:
-    """A ``for`` rule: a predicate over (ndim, numel, name) and hyper overrides."""
+    """A ``for`` rule (LANGUAGE.md sections 6 and 11): a predicate over the
+    parameter's ``ndim``, ``numel``, ``rows``, ``cols`` and ``name``, and
+    assignments ``hyper = value`` in order; ``relative`` says, per
+    assignment, whether its value names a hyper (it transforms the
+    parameter's current value) or not (an override, which a value given
+    explicitly in the parameter's param group wins over)."""
     predicate: Expr
-    overrides: tuple[tuple[str, float], ...]
+    assigns: tuple[tuple[str, Expr], ...]
+    relative: tuple[bool, ...] = ()
     span: Span | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -103,7 +109,7 @@ class CheckedProgram:
         for s in self.states:
             out.append(f"state {s.name}{' : layer' if s.layer else ''} = {format_expr(s.init)}")
         for r in self.rules:
-            body = "".join(f"  {n} = {format_number(v)}\n" for n, v in r.overrides)
+            body = "".join(f"  {n} = {format_expr(v)}\n" for n, v in r.assigns)
             out.append(f"for {format_expr(r.predicate)} {{\n{body}}}")
         if self.watches:
             out.append("watch " + ", ".join(self.watches))
@@ -272,24 +278,51 @@ class _Checker:
         out = []
         for r in self.d.rules:
             pred = self.predicate(r.predicate)
-            overrides = []
+            assigns, relative = [], []
             for a in r.assigns:
-                value = _number(a.value)
-                if a.target not in self.d.hypers:
-                    self.bad(a.span, f"'{a.target}' is not a hyper; a for rule may only set "
-                                     "hypers" + suggest(a.target, self.d.hypers))
-                elif value is None:
-                    self.bad(a.value.span, f"a for rule sets '{a.target}' to a number; "
-                                           f"'{format_expr(a.value)}' is not one")
-                else:
-                    hyper = self.d.hypers[a.target]
-                    if hyper.range is not None and not hyper.range.contains(value):
-                        self.bad(a.value.span, f"{format_number(value)} is outside the range "
-                                               f"{hyper.range} of hyper '{a.target}'")
-                    overrides.append((a.target, value))
+                value = self.rule_value(a)
+                if value is not None:
+                    assigns.append((a.target, value))
+                    relative.append(any(_mentions(value, h) for h in self.d.hypers))
             if pred is not None:
-                out.append(Rule(pred, tuple(overrides), r.span))
+                out.append(Rule(pred, tuple(assigns), tuple(relative), r.span))
         return tuple(out)
+
+    def rule_value(self, a: Assign) -> Expr | None:
+        """A checked rule assignment's value (LANGUAGE.md section 11), or None."""
+        if a.target not in self.d.hypers and a.target != "row_block":
+            self.bad(a.span, f"'{a.target}' is not a hyper; a for rule may only set "
+                             "hypers (and row_block)" + suggest(a.target, self.d.hypers))
+            return None
+        env = {**{h: "const" for h in self.d.hypers}, **{n: "const" for n in RULE_NAMES}}
+        value = self.expr(a.value, _Scope("rule", env))
+        if value is None:
+            return None
+        hypers = [h for h in self.d.hypers if _mentions(value, h)]
+        if a.target == "row_block":
+            if hypers:
+                self.bad(a.value.span, "row_block lays the parameter out; it cannot depend on "
+                                       f"hypers (this value names '{hypers[0]}')")
+                return None
+            number = _constant(value)
+            if number is not None and not (number >= 1 and number == int(number)):
+                self.bad(a.value.span, f"row_block must be a positive whole number, not "
+                                       f"{format_number(number)}")
+                return None
+            return value
+        if not hypers and a.target == "lr":
+            self.bad(a.value.span, "a for rule may not set 'lr' to a value of its own: it "
+                                   "would freeze those parameters' learning rate against LR "
+                                   "schedulers; write it relative to lr, e.g. lr = "
+                                   f"{format_expr(a.value)} * lr")
+            return None
+        number = _constant(value)
+        hyper = self.d.hypers[a.target]
+        if number is not None and hyper.range is not None and not hyper.range.contains(number):
+            self.bad(a.value.span, f"{format_number(number)} is outside the range "
+                                   f"{hyper.range} of hyper '{a.target}'")
+            return None
+        return value
 
     def predicate(self, e: Expr) -> Expr | None:
         if isinstance(e, Num):
@@ -300,7 +333,8 @@ class _Checker:
                 return None
             if e.id not in PREDICATE_NAMES:
                 self.bad(e.span, f"unknown name '{e.id}' in a for predicate; predicates use "
-                                 "ndim, numel and name" + suggest(e.id, PREDICATE_NAMES))
+                                 "ndim, numel, rows, cols and name"
+                         + suggest(e.id, PREDICATE_NAMES))
                 return None
             return replace(e, kind="const")
         if isinstance(e, Binary) and e.op == "~":
@@ -332,7 +366,7 @@ class _Checker:
             return replace(e, left=parts[0], right=parts[1], kind="const")
         if isinstance(e, Call):
             self.bad(e.span, f"a for predicate cannot call '{e.func}'; it may use ndim, numel, "
-                             "name, numbers, comparisons and and/or/not")
+                             "rows, cols, name, numbers, comparisons and and/or/not")
             return None
         self.bad(e.span, "a string may only follow '~'")
         return None
@@ -487,6 +521,11 @@ class _Checker:
             self.bad(e.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)}, "
                              f"got {len(e.args)}", sc)
             return None
+        if sc.context == "rule" and b.category != "elementwise":
+            self.bad(e.span, f"a for rule's value is one number per parameter; it cannot call "
+                             f"{e.func}() (it may use numbers, hypers, ndim, numel, rows, cols "
+                             "and elementwise functions)", sc)
+            return None
         if b.category == "global":
             return self.global_call(e, sc)
         args = [self.expr(a, sc) for a in e.args]
@@ -571,11 +610,10 @@ def _cycle(start: str, calls: dict[str, set[str]]) -> list[str]:
     return []
 
 
-def _number(e: Expr) -> float | None:
-    """The value of a number literal, or of ``-``/``+`` applied to one."""
-    if isinstance(e, Num):
-        return e.value
-    if isinstance(e, Unary) and e.op in "+-" and isinstance(e.operand, Num):
-        return -e.operand.value if e.op == "-" else e.operand.value
-    return None
+def _constant(e: Expr) -> float | None:
+    """The value of a checked expression made of numbers only, or None."""
+    if any(isinstance(n, Name) for n in _walk(e)):
+        return None
+    from .rules import evaluate
+    return evaluate(e, {})
 

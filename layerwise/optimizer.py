@@ -9,11 +9,12 @@ parameter sharing a dtype and device in a constant number of calls.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
-from .rules import rule_overrides
+from .rules import ParamInfo, hyper_values, matching_rules, param_info, row_block
 from .runtime.buckets import BucketSet
 from .runtime.distributed import Combiner
 from .runtime.layout import compute_dtype
@@ -24,6 +25,24 @@ from .spec import Spec, load
 __all__ = ["Optimizer"]
 
 _TORCH_KEYS = {"params", "param_names", "initial_lr"}
+
+
+@dataclass(frozen=True)
+class ParamRules:
+    """A parameter's ``for`` rules, decided when its group is added: which
+    rules match, its numbers, the hypers its param group gives explicitly,
+    its ``row_block``; ``key`` is what its hyper values depend on besides the
+    group's values (parameters with equal keys share them)."""
+    matching: tuple[int, ...]
+    info: ParamInfo
+    explicit: frozenset[str]
+    row_block: int
+    key: tuple = field(init=False, compare=False)
+
+    def __post_init__(self):
+        i = self.info
+        object.__setattr__(self, "key", (self.matching, i.ndim, i.numel, i.rows, i.cols,
+                                         self.explicit))
 
 
 def _as_spec(spec) -> Spec:
@@ -80,7 +99,8 @@ class Optimizer(torch.optim.Optimizer):
         lowered = self._runner.lowered
         self._buckets = BucketSet(lowered.state_names, lowered.layer_states,
                                   self.program.hyper_names, self._runner.chunk)
-        self._overrides: list[list[dict[str, float]]] = []
+        self._rules: list[list[ParamRules]] = []
+        self._hyper_cache: tuple[tuple, dict] = ((), {})
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
         self._pending: list[tuple[list[str], torch.Tensor]] = []
         self._check_hypers(hypers, "keyword argument")
@@ -128,13 +148,39 @@ class Optimizer(torch.optim.Optimizer):
             name, tensor = (p[0], p[1]) if isinstance(p, tuple) else (None, p)
             names.append(name)
             tensors.append(tensor)
+        rules = []
         for name, p in zip(names, tensors):
             if isinstance(p, torch.Tensor):
-                check_param(p, name if name is not None else f"group {index}")
-        overrides = [rule_overrides(self.program.rules, p.dim(), p.numel(), n, explicit)
-                     for n, p in zip(names, tensors) if isinstance(p, torch.Tensor)]
+                where = name if name is not None else f"group {index}"
+                check_param(p, where)
+                rules.append(self._param_rules(p, name, where, frozenset(explicit)))
         super().add_param_group(probe)
-        self._overrides.append(overrides)
+        self._rules.append(rules)
+
+    def _param_rules(self, p: torch.Tensor, name: str | None, where: str,
+                     explicit: frozenset[str]) -> ParamRules:
+        info = param_info(p.shape, name)
+        matching = matching_rules(self.program.rules, info)
+        try:
+            block = row_block(self.program.rules, matching, info)
+        except ValueError as err:
+            raise ValueError(f"parameter {where}: {err}") from None
+        return ParamRules(matching, info, explicit, block)
+
+    def _rules_of(self, gi: int, pi: int, p: torch.Tensor) -> ParamRules:
+        """The rules of parameter ``pi`` of group ``gi`` (made now for one added
+        to a group's list after the group was)."""
+        rules = self._rules[gi]
+        if pi < len(rules):
+            return rules[pi]
+        group = self.param_groups[gi]
+        names = group.get("param_names")
+        explicit = rules[0].explicit if rules else frozenset()
+        while len(rules) <= pi:
+            k = len(rules)
+            rules.append(self._param_rules(group["params"][k], names[k] if names else None,
+                                           self._param_name(gi, k, k), explicit))
+        return rules[pi]
 
     def _param_name(self, gi: int, pi: int, flat: int) -> str:
         names = self.param_groups[gi].get("param_names")
@@ -166,8 +212,8 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_groups()
         bs = self._buckets
-        scan = bs.scan(self.param_groups, self._overrides, self.state, self._param_name,
-                       self._check_entries)
+        scan = bs.scan(self.param_groups, self._rules_of, self.state, self._param_name,
+                       self._check_entries, self._hypers_of)
         if not scan.active:
             return loss
         prepared = bs.apply(scan, self.state)
@@ -207,6 +253,34 @@ class Optimizer(torch.optim.Optimizer):
         if t is not None:
             env["t"] = t
         return env
+
+    def _hypers_of(self, group_values: tuple, gi: int, rules: ParamRules,
+                   where: Callable[[], str]) -> tuple[float, ...]:
+        """A parameter's hyper values this step (LANGUAGE.md section 11), shared
+        by parameters with equal rules and computed once per group values.
+
+        Raises:
+            ValueError: a value outside its hyper's range after the rules
+                (naming the parameter, ``where()``).
+        """
+        values, cache = self._hyper_cache
+        if values != group_values:
+            cache = {}
+            self._hyper_cache = (group_values, cache)
+        key = (gi, rules.key)
+        out = cache.get(key)
+        if out is None:
+            names = self.program.hyper_names
+            got = hyper_values(self.program.rules, rules.matching, rules.info,
+                               dict(zip(names, group_values[gi])), rules.explicit)
+            out = tuple(got[k] for k in names)
+            for k, v in zip(names, out):
+                h = self.program.hyper(k)
+                if not h.admits(v):
+                    raise ValueError(f"parameter {where()}: {k}={v!r} after its for rules is "
+                                     f"outside its range {h.range}")
+            cache[key] = out
+        return out
 
     def _check_groups(self) -> None:
         """Every group's hyper values within their ranges (changes nothing)."""

@@ -47,8 +47,10 @@ conventions written in the docstring of ``layerwise/ops.py``):
   parameter's shape); assigning ``g`` only rebinds the name; anything else
   is a local. Watched names are read from the environment at the end of
   the step (one float per parameter and step).
-* Hyper values: the given values (defaults where not given), then the
-  program's ``for`` rules per parameter in file order (a later rule wins).
+* Hyper values: the given values (defaults where not given), then every
+  assignment of the program's matching ``for`` rules in file order, each
+  evaluated from the values so far and the parameter's ``ndim``, ``numel``,
+  ``rows``, ``cols`` (LANGUAGE.md section 11).
 """
 from __future__ import annotations
 
@@ -187,13 +189,20 @@ def _global_calls(e, out: list) -> None:
         _global_calls(c, out)
 
 
-def _predicate(e, ndim: int, numel: int, name: str | None) -> float:
+def _matrix(shape) -> dict:
+    """``ndim``, ``numel``, ``rows``, ``cols`` of a parameter's plain matrix view."""
+    rows = shape[0] if shape else 1
+    return {"ndim": float(len(shape)), "numel": float(np.prod(shape)), "rows": float(rows),
+            "cols": float(np.prod(shape[1:]))}
+
+
+def _predicate(e, shape, name: str | None) -> float:
     """A ``for`` predicate's value for one parameter (non-zero is true)."""
-    ev = lambda x: _predicate(x, ndim, numel, name)  # noqa: E731
+    ev = lambda x: _predicate(x, shape, name)  # noqa: E731
     if isinstance(e, Num):
         return e.value
     if isinstance(e, Name):
-        return {"ndim": float(ndim), "numel": float(numel)}[e.id]
+        return _matrix(shape)[e.id]
     if isinstance(e, Unary):
         x = ev(e.operand)
         return {"-": -x, "+": x, "not": float(x == 0)}[e.op]
@@ -234,10 +243,15 @@ class NaiveOptimizer:
         base.update({k: float(v) for k, v in (hypers or {}).items()})
         self.hypers = {}
         for name, w in self.params.items():
+            # LANGUAGE.md section 11: every assignment of a matching rule, in
+            # order, from the values so far (nothing here is explicit in a group)
             values = dict(base)
             for rule in program.rules:
-                if _predicate(rule.predicate, w.ndim, w.size, name) != 0:
-                    values.update(rule.overrides)
+                if _predicate(rule.predicate, w.shape, name) != 0:
+                    for target, value in rule.assigns:
+                        if target != "row_block":
+                            env = {**values, **_matrix(w.shape)}
+                            values[target] = float(evaluate(value, env, 1))
             self.hypers[name] = values
         self.states: dict[str, dict[str, np.ndarray]] = {}
         self.t = {k: 0 for k in self.params}

@@ -223,22 +223,33 @@ def test_a_failed_local_does_not_cascade():
 def test_rules_and_watches():
     prog = lw.load(PROGRAMS / "lamb_rules.lw").program
     (rule,) = prog.rules
-    assert rule.overrides == (("weight_decay", 0.0),)
+    assert rule.assigns == (("weight_decay", Num(0.0, "const")),) and rule.relative == (False,)
     assert rule.uses_name
     assert rule.predicate.right == Binary("~", Name("name", "const"),
                                           Str("bias|LayerNorm|layer_norm", "const"), "const")
-    prog = check(PRELUDE + "for ndim >= 2 and numel > 1000 {\n  lr = 0.2\n  wd = -1\n}\n"
+    prog = check(PRELUDE + "for ndim >= 2 and numel > 1000 {\n  lr = 0.2 * lr\n  wd = -1\n}\n"
                  "watch tr, s, n\nstep {\n  tr = norm(w) / norm(g)\n  n = global_norm(g)\n"
                  "  w = w - lr * tr * g\n}\n")
     (rule,) = prog.rules
-    assert rule.overrides == (("lr", 0.2), ("wd", -1.0)) and not rule.uses_name
+    assert [t for t, _ in rule.assigns] == ["lr", "wd"] and not rule.uses_name
+    assert rule.relative == (True, False)
     assert prog.watches == ("tr", "s", "n")
 
 
 def test_rule_values_are_checked_against_ranges():
-    err = errors(PRELUDE + "for ndim <= 1 {\n  lr = 0\n}\nstep {\n  w = w - g\n}\n")
+    err = errors(PRELUDE + "hyper b = 0.5 in [0, 1]\nfor ndim <= 1 {\n  b = 2 - 0.5\n}\n"
+                 "step {\n  w = w - b * g\n}\n")
+    assert (err.line, err.column) == (9, 7)
+    assert err.message == "1.5 is outside the range [0, 1] of hyper 'b'"
+
+
+def test_rule_may_not_freeze_lr():
+    """LANGUAGE.md section 11: a hyper-free value for lr is an error that
+    suggests writing it relative to lr."""
+    err = errors(PRELUDE + "for ndim <= 1 {\n  lr = 0.2\n}\nstep {\n  w = w - lr * g\n}\n")
     assert (err.line, err.column) == (8, 8)
-    assert err.message == "0 is outside the range (0, inf) of hyper 'lr'"
+    assert "may not set 'lr' to a value of its own" in err.message
+    assert "lr = 0.2 * lr" in err.message
 
 
 # ---------------------------------------------------------------- extends and overrides
@@ -280,7 +291,7 @@ def test_child_replaces_a_def_adds_rules_watches_states_and_replaces_step():
             "}\n")
     spec = lw.parse(text)
     assert [s.name for s in spec.program.states] == ["m", "v", "n"]
-    assert spec.program.rules[0].overrides == (("weight_decay", 0.0),)
+    assert spec.program.rules[0].assigns == (("weight_decay", Num(0.0, "const")),)
     assert spec.program.watches == ("n",)
     assert [a.target for a in spec.program.step] == ["n", "w"]
     assert format_expr(spec.program.step[1].value) == "w - lr * 1 * g"
@@ -460,6 +471,8 @@ def test_contract_programs_are_the_ones_in_language_md():
     blocks = _code_blocks(LANGUAGE.read_text(encoding="utf-8"))
     lamb = next(b for b in blocks if b.startswith("optimizer lamb\n"))
     rule = next(b for b in blocks if b.startswith("for ndim <= 1"))
+    relative = next(b for b in blocks if b.startswith("for ndim >= 2"))
+    assert (PROGRAMS / "lamb_relative_rules.lw").read_text(encoding="utf-8").endswith(relative)
     clipped = next(b for b in blocks if b.startswith("optimizer lamb_clipped"))
     python = next(b for b in blocks if "spec.override(" in b)
     assert (PROGRAMS / "lamb.lw").read_text(encoding="utf-8") == lamb

@@ -285,7 +285,11 @@ class ProgramGen:
         for _ in range(self.int(0, 3)):
             h = self.pick(sorted(roles))
             value = self.draw(HYPER_ROLES[roles[h]][2])
-            lines.append(f"for {self.pick(RULE_PREDICATES)} {{\n  {h} = {value!r}\n}}")
+            # an override, or (LANGUAGE.md section 11) a value relative to the
+            # hyper's current one that stays in its range
+            rhs = self.pick([repr(value), f"{h} * 0.5", f"{h} / (1 + ndim)",
+                             f"min({h}, {value!r}) * (rows + 1) / (rows + cols + 1)"])
+            lines.append(f"for {self.pick(RULE_PREDICATES)} {{\n  {h} = {rhs}\n}}")
         # Make the final values of locals (and of a rebound g) observable:
         # elem ones through extra states assigned last, others through watches.
         if self.int(0, 3):
@@ -435,7 +439,7 @@ def test_generator_covers_the_language():
     """The program generator reaches every construct it is meant to (a cheap sanity check)."""
     seen = ""
 
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(programs())
     def collect(program):
@@ -446,5 +450,6 @@ def test_generator_covers_the_language():
     for word in ["global_norm(", "global_sum(", "norm(", "sum(", "mean(", "rms(", "max_abs(",
                  "dot(", "numel(", "where(", "clip(", "min(", "max(", "sqrt(abs(", "exp(",
                  "tanh(", " and ", " or ", "not ", "^", "**", "watch ", ": layer", "for ",
-                 "ratio(", "^t", "  g = ", "keep_", "inf", "* t)"]:
+                 "ratio(", "^t", "  g = ", "keep_", "inf", "* t)", " * 0.5\n", "/ (1 + ndim)",
+                 "(rows + 1)"]:
         assert word in seen, word

@@ -39,12 +39,13 @@ __all__ = ["Member", "Scan", "BucketSet"]
 @dataclass(eq=False)
 class Member:
     """A parameter joining a bucket: its name, process group (sharded), param
-    group and ``for``-rule overrides."""
+    group, ``for`` rules (``optimizer.ParamRules``) and this step's hyper values."""
     param: torch.Tensor
     name: str
     group: object
     gi: int
-    overrides: dict
+    rules: object
+    hypers: tuple
 
 
 @dataclass
@@ -87,16 +88,19 @@ class BucketSet:
         self._stamp = 0
 
     # ------------------------------------------------------------ scan
-    def scan(self, param_groups: list[dict], overrides: list[list[dict]], state: dict,
+    def scan(self, param_groups: list[dict], rules_of: Callable, state: dict,
              name_of: Callable[[int, int, int], str],
-             check_entries: Callable[[torch.Tensor, dict, str], None]) -> Scan:
+             check_entries: Callable[[torch.Tensor, dict, str], None],
+             hypers_of: Callable) -> Scan:
         """Check every parameter, gradient and state entry; note on each slot
         this step's gradient and what must be copied in. Changes nothing the
         user owns.
 
         ``name_of(gi, pi, flat)`` names a parameter for messages;
         ``check_entries(p, entries, name)`` validates a state dict that is
-        not this runtime's own views.
+        not this runtime's own views; ``rules_of(gi, pi, p)`` gives a
+        parameter's ``for`` rules and ``hypers_of(group_values, gi, rules,
+        where)`` (and checks) its hyper values this step.
 
         Raises:
             ValueError: from ``layerwise.runtime.validate`` (naming the
@@ -108,11 +112,12 @@ class BucketSet:
                                        for g in param_groups))
         flat = -1
         for gi, group in enumerate(param_groups):
-            ovs = overrides[gi] if gi < len(overrides) else []
             for pi, p in enumerate(group["params"]):
                 flat += 1
                 g = p.grad
-                ov = ovs[pi] if pi < len(ovs) else {}
+                pr = rules_of(gi, pi, p)
+                hv = hypers_of(scan.group_values, gi, pr,
+                               lambda gi=gi, pi=pi, flat=flat: name_of(gi, pi, flat))
                 found = self.slot_of.get(p)
                 if found is None:
                     entries = state.get(p)
@@ -126,14 +131,12 @@ class BucketSet:
                     if entries:
                         check_entries(p, entries, name)
                     scan.joining.append(Member(p, name, shard_group(p, name)
-                                               if is_dtensor(p) else None, gi, ov))
+                                               if is_dtensor(p) else None, gi, pr, hv))
                     scan.active |= g is not None
                     continue
                 b, slot = found
-                slot.stamp, slot.grad_now = scan.stamp, g
+                slot.stamp, slot.grad_now, slot.hypers = scan.stamp, g, hv
                 scan.active |= g is not None
-                if slot.gi != gi or slot.overrides is not ov:
-                    slot.gi, slot.overrides, b.hyper_key = gi, ov, None
                 if slot.adopted:
                     same = p.data_ptr() == slot.ptr and p.shape == slot.shape
                 else:       # packed: the tensor it was last checked as
@@ -211,7 +214,7 @@ class BucketSet:
                 if slot.grad_now is not slot.g and slot.numel:
                     fresh.append(slot)
             self._copy_grads(b, fresh)
-            self._set_hypers(b, scan.group_values)
+            self._set_hypers(b)
             self._set_active(b, tuple(flags))
             mask = None
             if init:
@@ -229,7 +232,7 @@ class BucketSet:
         adopting what can be adopted."""
         members: dict[tuple, list[tuple[Member, Slot | None]]] = {}
         for _, slot in self.slot_of.values():
-            m = Member(slot.param, slot.name, slot.group, slot.gi, slot.overrides)
+            m = Member(slot.param, slot.name, slot.group, slot.gi, slot.rules, slot.hypers)
             members.setdefault(bucket_key(slot.param), []).append((m, slot))
         for m in scan.joining:
             members.setdefault(bucket_key(m.param), []).append((m, None))
@@ -240,7 +243,7 @@ class BucketSet:
             self.buckets[key] = b
             for slot, (m, old) in zip(b.slots, items):
                 self.slot_of[slot.param] = (b, slot)
-                slot.gi, slot.overrides = m.gi, m.overrides
+                slot.gi, slot.rules, slot.hypers = m.gi, m.rules, m.hypers
                 slot.stamp = scan.stamp if old is None else old.stamp
                 slot.grad_now = slot.param.grad if old is None else old.grad_now
                 entries = state.get(slot.param)
@@ -326,20 +329,16 @@ class BucketSet:
                 s.grad_now = s.g
                 b.grads_exposed = True
 
-    def _set_hypers(self, b: Bucket, group_values: tuple) -> None:
-        if group_values == b.hyper_key or not self.hyper_names:
-            b.hyper_key = group_values
+    def _set_hypers(self, b: Bucket) -> None:
+        """Fill ``H`` with the slots' hyper values when any changed (the values
+        are shared tuples: comparing them is mostly identity checks)."""
+        key = tuple(slot.hypers for slot in b.slots)
+        if key == b.hyper_key or not self.hyper_names:
+            b.hyper_key = key
             return
-        names = self.hyper_names
-        rows = []
-        for slot in b.slots:
-            values = group_values[slot.gi]
-            if slot.overrides:
-                values = tuple(float(slot.overrides.get(k, v)) for k, v in zip(names, values))
-            rows.append(values)
-        rows.append((0.0,) * len(names))               # the dummy segment
+        rows = [*key, (0.0,) * len(self.hyper_names)]        # the dummy segment
         b.H.copy_(_to_device(torch.tensor(rows, dtype=b.cdtype).T.contiguous(), b.device))
-        b.hyper_key = group_values
+        b.hyper_key = key
 
     @staticmethod
     def _set_active(b: Bucket, flags: tuple) -> None:

@@ -138,8 +138,9 @@ class Slot:
     # set by BucketSet.scan for this step (layerwise.runtime.buckets)
     stamp: int = -1                 # the step that last saw the parameter in a param group
     grad_now: torch.Tensor | None = None
-    gi: int = 0                     # its param group and for-rule overrides
-    overrides: dict = field(default_factory=dict)
+    gi: int = 0                     # its param group, for rules and hyper values
+    rules: object = None
+    hypers: tuple = ()
     moved: bool = False             # its tensor is not (or no longer) its view of W
     seen: tuple = ()                # a packed parameter's tensor when last checked
     foreign: bool = False           # state[p] holds values to copy into the buffers
