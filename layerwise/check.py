@@ -43,15 +43,17 @@ class Hyper:
 
 @dataclass(frozen=True)
 class State:
-    """Per-parameter state: elem (shaped like the parameter) or layer (one number)."""
+    """Per-parameter state: elem (shaped like the parameter), layer (one
+    number), or ``unit`` ``"row"`` / ``"col"`` (one number per row or column)."""
     name: str
     layer: bool
     init: Expr
     span: Span | None = field(default=None, compare=False, repr=False)
+    unit: str | None = None
 
     @property
     def kind(self) -> str:
-        return "layer" if self.layer else "elem"
+        return self.unit or ("layer" if self.layer else "elem")
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ class CheckedProgram:
     """A checked program: what the lowering consumes.
 
     ``step`` is a tuple of assignments whose values are expressions with
-    every ``def`` inlined and every node's ``kind`` set. ``watch_kinds``
-    gives the kind of each watched name at the end of the step.
+    every ``def`` inlined and every node's ``kind`` set. ``kind`` is
+    ``"optimizer"`` or ``"adaptation"`` (LANGUAGE.md section 12: its step
+    also reads ``u``, and ``lr`` is its first hyper, the base's learning
+    rate). ``notes`` are remarks ``layerwise check`` prints (an adapted
+    base whose update is taken as a difference).
     """
     name: str
     hypers: tuple[Hyper, ...]
@@ -88,6 +93,8 @@ class CheckedProgram:
     watches: tuple[str, ...]
     step: tuple[Assign, ...]
     filename: str = field(default="<string>", compare=False)
+    kind: str = "optimizer"
+    notes: tuple[Problem, ...] = field(default=(), compare=False)
 
     def hyper(self, name: str) -> Hyper:
         """The hyper called ``name`` (KeyError if none)."""
@@ -102,12 +109,15 @@ class CheckedProgram:
 
     def to_text(self) -> str:
         """The program as flat ``.lw`` text (no extends, defs inlined) that checks to ``self``."""
-        out = [f"optimizer {self.name}"]
+        out = [f"{self.kind} {self.name}"]
         for h in self.hypers:
+            if self.kind == "adaptation" and h.name == "lr":
+                continue
             out.append(f"hyper {h.name} = {format_number(h.default)}"
                        + (f" in {h.range}" if h.range is not None else ""))
         for s in self.states:
-            out.append(f"state {s.name}{' : layer' if s.layer else ''} = {format_expr(s.init)}")
+            kind = f" : {s.kind}" if s.kind != "elem" else ""
+            out.append(f"state {s.name}{kind} = {format_expr(s.init)}")
         for r in self.rules:
             body = "".join(f"  {n} = {format_expr(v)}\n" for n, v in r.assigns)
             out.append(f"for {format_expr(r.predicate)} {{\n{body}}}")
@@ -156,6 +166,9 @@ def check_declarations(decls: Declarations, filename: str = "<string>",
         raise SpecError([*problems, *err.problems], main=filename) from None
     if problems:
         raise SpecError(problems, main=filename)
+    if decls.adapt is not None:
+        from .compose import adapted
+        checked = adapted(checked, decls.adapt, decls.filename, filename)
     return checked
 
 
@@ -173,10 +186,15 @@ class _Scope:
     in_global: bool = False
 
 
+#: Hyper ``lr`` of an adaptation: the learning rate its base used (read-only).
+ADAPTATION_LR = Hyper("lr", 1e-3, Range(0.0, math.inf, True, False))
+
+
 class _Checker:
     def __init__(self, decls: Declarations, filename: str):
         self.d = decls
         self.filename = filename
+        self.adaptation = decls.adaptation
         self.problems: list[Problem] = []
         self.reported: set[tuple[Span, str]] = set()
         self.inlined: set[str] = set()     # defs called somewhere
@@ -203,12 +221,21 @@ class _Checker:
         self.check_unused_defs()
         if self.problems:
             raise SpecError(self.problems)
-        return CheckedProgram(self.d.name, hypers, states, rules, watches, step, self.filename)
+        if self.adaptation:
+            hypers = (ADAPTATION_LR, *hypers)
+        return CheckedProgram(self.d.name, hypers, states, rules, watches, step, self.filename,
+                              "adaptation" if self.adaptation else "optimizer")
 
     # ------------------------------------------------------------ hypers
     def check_hypers(self) -> tuple[Hyper, ...]:
         out = []
         for h in self.d.hypers.values():
+            if self.adaptation and h.name in ("lr", "u"):
+                self.bad(h.span, f"'{h.name}' is predefined in an adaptation ("
+                                 + ("the learning rate its base used" if h.name == "lr" else
+                                    "the base's update per unit of learning rate")
+                                 + ") and cannot be declared")
+                continue
             r = h.range
             if r is not None and (r.lo > r.hi or (r.lo == r.hi and not (r.lo_closed and r.hi_closed))):
                 self.bad(r.span, f"empty range {r} for hyper '{h.name}'")
@@ -270,7 +297,7 @@ class _Checker:
             if s.layer and init.kind == "elem":
                 self.bad(s.init.span, f"layer state '{s.name}' holds one number per parameter; "
                                       "its initial value is elem-kind (one per element)")
-            out.append(State(s.name, s.layer, init, s.span))
+            out.append(State(s.name, s.layer, init, s.span, s.unit))
         return tuple(out)
 
     # ------------------------------------------------------------ rules
@@ -378,9 +405,11 @@ class _Checker:
             self.bad(d.name_span, f"optimizer '{d.name}' has no step block")
             return (), {}
         env = {"w": "elem", "g": "elem", "t": "const",
+               **({"u": "elem", "lr": "const"} if self.adaptation else {}),
                **{h: "const" for h in d.hypers},
                **{s.name: ("layer" if s.layer else "elem") for s in d.states.values()}}
-        fresh: set[str] = set()
+        # an adaptation's u is computed in the step (a global reduction cannot read it)
+        fresh: set[str] = {"u"} if self.adaptation else set()
         out = []
         targets = [a.target for a in d.step.body]
         for i, a in enumerate(d.step.body):
@@ -414,6 +443,10 @@ class _Checker:
         name = a.target
         if name == "t":
             self.bad(a.span, "'t' (the step count) is read-only")
+        elif self.adaptation and name in ("u", "lr"):
+            self.bad(a.span, f"'{name}' is read-only in an adaptation (it is "
+                             + ("the base's update per unit of learning rate" if name == "u"
+                                else "the learning rate its base used") + ")")
         elif name in self.d.hypers:
             self.bad(a.span, f"'{name}' is a hyper and is read-only in step")
         elif name in self.d.defs:

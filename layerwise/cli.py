@@ -31,12 +31,15 @@ def _cmd_check(args) -> int:
             continue
         try:
             from .spec import parse
-            parse(text, path)
+            spec = parse(text, path)
         except SpecError as err:
             for line in err.lines():
                 print(line, file=sys.stderr)
             failed = True
         else:
+            for note in spec.program.notes:
+                s = note.span
+                print(f"{s.filename}:{s.line}:{s.column}: note: {note.message}")
             print(f"{path}: ok")
     return 1 if failed else 0
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from .builtins import BUILTINS, PREDEFINED
 from .errors import Problem, Span, SpecError, suggest
 from .resources import preset_names, preset_path
-from .syntax import (DefDecl, HyperDecl, Name, OptimizerDecl, Program, RuleDecl, StateDecl,
-                     StepDecl, WatchDecl, parse_text)
+from .syntax import (AdaptDecl, DefDecl, HyperDecl, Name, OptimizerDecl, Program, RuleDecl,
+                     StateDecl, StepDecl, WatchDecl, parse_text)
 
-__all__ = ["Declarations", "collect", "apply_override", "copy_declarations"]
+__all__ = ["Declarations", "collect", "apply_override", "copy_declarations", "program_file"]
 
 
 @dataclass
@@ -34,6 +34,12 @@ class Declarations:
     #: False when a parent could not be loaded or the program has no
     #: ``optimizer`` line: checking would then only report consequences.
     complete: bool = True
+    #: an ``adaptation`` program (LANGUAGE.md section 12), not an optimizer
+    adaptation: bool = False
+    #: the ``adapt NAME`` declaration of an optimizer (the last one wins in a child)
+    adapt: AdaptDecl | None = None
+    #: the file the declarations were read from (relative paths resolve there)
+    filename: str = "<string>"
 
     def category(self, name: str) -> str | None:
         """'hyper', 'state' or 'def' if ``name`` is declared as one, else None."""
@@ -43,23 +49,28 @@ class Declarations:
         return None
 
 
-def _parent_file(decl: OptimizerDecl, filename: str, problems: list[Problem]) -> Path | None:
-    parent = decl.parent
-    assert parent is not None
+def program_file(parent: str, span: Span, filename: str, problems: list[Problem],
+                 what: str = "parent") -> Path | None:
+    """The file of a preset name or of a path relative to ``filename`` (the
+    ``extends`` parent or ``adapt`` target ``parent``, written at ``span``)."""
     if parent.endswith(".lw") or "/" in parent:
         base = Path(filename).parent if not filename.startswith("<") else Path.cwd()
         path = (base / parent).resolve()
         if not path.is_file():
-            problems.append(Problem(decl.parent_span,
-                                    f"cannot find parent file '{parent}' (looked for {path})"))
+            problems.append(Problem(span, f"cannot find {what} file '{parent}' (looked for {path})"))
             return None
         return path
     path = preset_path(parent)
     if path is None:
-        problems.append(Problem(decl.parent_span, f"unknown parent '{parent}': not a preset"
+        problems.append(Problem(span, f"unknown {what} '{parent}': not a preset"
                                 + suggest(parent, preset_names())
                                 + " (a file path must end in '.lw')"))
     return path
+
+
+def _parent_file(decl: OptimizerDecl, filename: str, problems: list[Problem]) -> Path | None:
+    assert decl.parent is not None
+    return program_file(decl.parent, decl.parent_span, filename, problems)
 
 
 def collect(program: Program, problems: list[Problem], chain: tuple[str, ...] = ()) -> Declarations:
@@ -70,10 +81,11 @@ def collect(program: Program, problems: list[Problem], chain: tuple[str, ...] = 
     independent error is reported.
     """
     decls = program.decls
-    base = Declarations()
+    base = Declarations(filename=program.filename)
     if not decls or not isinstance(decls[0], OptimizerDecl):
         span = _first_span(program)
-        problems.append(Problem(span, "a program must start with 'optimizer NAME'"))
+        problems.append(Problem(span, "a program must start with 'optimizer NAME' (or "
+                                      "'adaptation NAME')"))
         apply_override(base, program, problems, rename=False)
         base.complete = False
         return base
@@ -94,7 +106,15 @@ def collect(program: Program, problems: list[Problem], chain: tuple[str, ...] = 
                 except SpecError as err:
                     problems.extend(err.problems)
                     base.complete = False
+                if base.complete and base.adaptation != head.adaptation:
+                    kinds = ("an adaptation", "an optimizer")
+                    problems.append(Problem(head.parent_span, f"'{head.parent}' is "
+                                            f"{kinds[not base.adaptation]}; "
+                                            f"{kinds[not head.adaptation]} can only extend "
+                                            f"{kinds[not head.adaptation]}"))
+                    base.complete = False
     base.name, base.name_span = head.name, head.span
+    base.adaptation, base.filename = head.adaptation, program.filename
     _apply(base, decls[1:], problems)
     return base
 
@@ -163,10 +183,21 @@ def _apply(base: Declarations, decls, problems: list[Problem]) -> None:
         return True
 
     step_span: Span | None = None
+    adapt_span: Span | None = None
     for d in decls:
         if isinstance(d, OptimizerDecl):
-            problems.append(Problem(d.span, "'optimizer' must be the first statement, and "
+            word = "adaptation" if d.adaptation else "optimizer"
+            problems.append(Problem(d.span, f"'{word}' must be the first statement, and "
                                             "only once"))
+        elif isinstance(d, AdaptDecl):
+            if base.adaptation:
+                problems.append(Problem(d.span, "an adaptation cannot adapt another; "
+                                                "'adapt' belongs in an optimizer"))
+            elif adapt_span is not None:
+                problems.append(Problem(d.span, f"only one 'adapt' is allowed (the first "
+                                                f"is at line {adapt_span.line})"))
+            else:
+                adapt_span, base.adapt = d.span, d
         elif isinstance(d, HyperDecl):
             if declare(d.name, "hyper", d.span):
                 inherited_hyper = base.hypers.get(d.name)
@@ -198,4 +229,5 @@ def _apply(base: Declarations, decls, problems: list[Problem]) -> None:
 def copy_declarations(d: Declarations) -> Declarations:
     """A copy of ``d`` that can be changed without changing ``d``."""
     return Declarations(d.name, d.name_span, dict(d.hypers), dict(d.states),
-                        dict(d.defs), list(d.rules), list(d.watches), d.step, d.complete)
+                        dict(d.defs), list(d.rules), list(d.watches), d.step, d.complete,
+                        d.adaptation, d.adapt, d.filename)

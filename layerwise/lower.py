@@ -17,6 +17,9 @@ step; the consts graphs once per step for each distinct (hyper values, t):
 ``update`` ``(w, g, t, numel, *hypers, *states, *consts) ->
            (new w, *new values of the assigned states, *watched values)``.
 
+An adaptation program's step graphs also take ``u`` (the base's update per
+unit of learning rate) after ``g``; its first hyper is ``lr``.
+
 Loop-invariant code motion: every const- or global-kind subexpression that
 is more than a name or a number (``1 - beta1^t``, ``max_grad_norm /
 global_norm(g)``) is computed in the consts graph and enters the
@@ -336,7 +339,9 @@ def lower(program: CheckedProgram) -> Lowered:
         outs.append(b.layer(v) if s.layer else b.elem(v))
     init = b.finish(outs, f"{program.name}_init")
 
-    step_inputs = ["w", "g", "t", "numel", *hypers, *states]
+    # an adaptation's step also reads u, the base's update (LANGUAGE.md section 12)
+    elem_inputs = ["w", "g", "u"] if program.kind == "adaptation" else ["w", "g"]
+    step_inputs = [*elem_inputs, "t", "numel", *hypers, *states]
     reduce_consts = reduce = None
     reduce_const_names: tuple[str, ...] = ()
     if globals_:
@@ -386,5 +391,5 @@ def lower(program: CheckedProgram) -> Lowered:
 
 def _mark_inputs(b: _Builder, state_kinds: dict[str, str]) -> None:
     for name, node in b.env.items():
-        kind = "elem" if name in ("w", "g") else state_kinds.get(name, "const")
+        kind = "elem" if name in ("w", "g", "u") else state_kinds.get(name, "const")
         _mark(node, kind)

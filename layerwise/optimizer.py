@@ -92,13 +92,18 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, spec: Spec | str = "lamb", compile: bool = True,
-                 **hypers: float):
+                 *, _adaptation: bool = False, **hypers: float):
         self.spec = _as_spec(spec)
         self.program = self.spec.program
         self._runner: Runner = runner_for(self.program, bool(compile))
         lowered = self._runner.lowered
+        if self.program.kind == "adaptation" and not _adaptation:
+            raise ValueError(f"'{self.program.name}' is an adaptation, not an optimizer: apply "
+                             f"it to one with lw.adapt(optimizer, '{self.program.name}'), or "
+                             f"with 'adapt {self.program.name}' in a program")
         self._buckets = BucketSet(lowered.state_names, lowered.layer_states,
-                                  self.program.hyper_names, self._runner.chunk)
+                                  self.program.hyper_names, self._runner.chunk,
+                                  ("u",) if self.program.kind == "adaptation" else ())
         self._rules: list[list[ParamRules]] = []
         self._hyper_cache: tuple[tuple, dict] = ((), {})
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}

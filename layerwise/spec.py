@@ -28,7 +28,8 @@ class Spec:
         filename: where it was read from (or the name given to ``parse``).
     """
 
-    def __init__(self, program: CheckedProgram, declarations: Declarations, filename: str):
+    def __init__(self, program: CheckedProgram, declarations: Declarations | None,
+                 filename: str):
         self.program = program
         self._declarations = declarations
         self.filename = filename
@@ -52,6 +53,9 @@ class Spec:
         Raises:
             SpecError: if ``text`` has a syntax error or the result does not check.
         """
+        if self._declarations is None:
+            raise ValueError(f"spec '{self.name}' was composed in Python (lw.adapt); write it "
+                             "as a program with 'adapt NAME' to override it")
         problems: list[Problem] = []
         merged = apply_override(copy_declarations(self._declarations),
                                 parse_fragment(text, filename), problems)

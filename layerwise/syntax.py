@@ -24,7 +24,7 @@ from .resources import grammar_text
 
 __all__ = [
     "Num", "Name", "Str", "Unary", "Binary", "Call", "Expr", "children",
-    "Range", "Assign", "OptimizerDecl", "HyperDecl", "StateDecl", "DefDecl",
+    "Range", "Assign", "OptimizerDecl", "AdaptDecl", "HyperDecl", "StateDecl", "DefDecl",
     "RuleDecl", "WatchDecl", "StepDecl", "Decl", "Program",
     "parse_text", "parse_fragment", "format_program", "format_expr", "format_number",
     "RESERVED",
@@ -143,10 +143,21 @@ class Assign:
 
 @dataclass(frozen=True)
 class OptimizerDecl:
-    """``optimizer NAME [extends PARENT]``; ``parent`` is a preset name or a path."""
+    """``optimizer NAME [extends PARENT]``, or ``adaptation NAME [extends PARENT]``
+    when ``adaptation`` (LANGUAGE.md section 12); ``parent`` is a preset name
+    or a path."""
     name: str
     parent: str | None = None
     span: Span = _span()          # the name
+    parent_span: Span = _span()
+    adaptation: bool = False
+
+
+@dataclass(frozen=True)
+class AdaptDecl:
+    """``adapt NAME``: apply the adaptation program NAME (a preset or a path)."""
+    parent: str
+    span: Span = _span()          # the whole declaration
     parent_span: Span = _span()
 
 
@@ -162,11 +173,17 @@ class HyperDecl:
 
 @dataclass(frozen=True)
 class StateDecl:
-    """``state NAME [: layer] = INIT``."""
+    """``state NAME [: layer | row | col] = INIT``: ``layer`` for ``: layer``,
+    ``unit`` ``"row"`` or ``"col"`` for ``: row`` / ``: col`` (section 10)."""
     name: str
     layer: bool
     init: Expr
     span: Span = _span()
+    unit: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.unit or ("layer" if self.layer else "elem")
 
 
 @dataclass(frozen=True)
@@ -257,7 +274,8 @@ _TOKEN_WORDS = {
     "LBRACE": "'{'", "RBRACE": "'}'", "EQUAL": "'='", "COMMA": "','", "COLON": "':'",
     "LBOUND": "'[' or '('", "RBOUND": "']' or ')'", "INF": "'inf'", "SIGN": "a sign",
     "ADD_OP": "'+' or '-'", "MUL_OP": "'*' or '/'", "POW_OP": "'^'",
-    "COMP_OP": "a comparison", "MATCH_OP": "'~'", "_IN": "'in'", "LAYER": "'layer'",
+    "COMP_OP": "a comparison", "MATCH_OP": "'~'", "_IN": "'in'",
+    "STATE_KIND": "'layer', 'row' or 'col'",
     "_AND": "'and'", "_OR": "'or'", "_NOT": "'not'", "TRUE": "'true'", "FALSE": "'false'",
 }
 
@@ -395,12 +413,22 @@ class _Build(lark.Transformer):
     def start(self, items):
         return Program(tuple(items), self.filename, self.source)
 
-    @lark.v_args(meta=True)
-    def optimizer_decl(self, meta, items):
+    def optimizer_decl(self, items):
+        return self._head(items, adaptation=False)
+
+    def adaptation_decl(self, items):
+        return self._head(items, adaptation=True)
+
+    def _head(self, items, adaptation: bool) -> OptimizerDecl:
         name, parent = items
         if parent is None:
-            return OptimizerDecl(str(name), None, self._tok(name))
-        return OptimizerDecl(str(name), parent[0], self._tok(name), parent[1])
+            return OptimizerDecl(str(name), None, self._tok(name), adaptation=adaptation)
+        return OptimizerDecl(str(name), parent[0], self._tok(name), parent[1], adaptation)
+
+    @lark.v_args(meta=True)
+    def adapt_decl(self, meta, items):
+        value, span = items[0]
+        return AdaptDecl(value, self._meta(meta), span)
 
     def parent(self, items):
         tok = items[0]
@@ -427,8 +455,10 @@ class _Build(lark.Transformer):
 
     @lark.v_args(meta=True)
     def state_decl(self, meta, items):
-        name, layer, init = items
-        return StateDecl(str(name), layer is not None, init, self._tok(name))
+        name, kind, init = items
+        kind = None if kind is None else str(kind)
+        return StateDecl(str(name), kind == "layer", init, self._tok(name),
+                         kind if kind in ("row", "col") else None)
 
     @lark.v_args(meta=True)
     def def_decl(self, meta, items):
@@ -586,15 +616,18 @@ def format_expr(e: Expr, need: int = 0) -> str:
 
 def _format_decl(d: Decl) -> str:
     if isinstance(d, OptimizerDecl):
+        word = "adaptation" if d.adaptation else "optimizer"
         if d.parent is None:
-            return f"optimizer {d.name}"
-        parent = d.parent if d.parent.isidentifier() else '"' + d.parent + '"'
-        return f"optimizer {d.name} extends {parent}"
+            return f"{word} {d.name}"
+        return f"{word} {d.name} extends {_format_parent(d.parent)}"
+    if isinstance(d, AdaptDecl):
+        return f"adapt {_format_parent(d.parent)}"
     if isinstance(d, HyperDecl):
         rng = f" in {d.range}" if d.range is not None else ""
         return f"hyper {d.name} = {format_number(d.default)}{rng}"
     if isinstance(d, StateDecl):
-        return f"state {d.name}{' : layer' if d.layer else ''} = {format_expr(d.init)}"
+        kind = f" : {d.kind}" if d.kind != "elem" else ""
+        return f"state {d.name}{kind} = {format_expr(d.init)}"
     if isinstance(d, DefDecl):
         return f"def {d.name}({', '.join(d.params)}) = {format_expr(d.body)}"
     if isinstance(d, RuleDecl):
@@ -606,6 +639,10 @@ def _format_decl(d: Decl) -> str:
         body = "".join(f"  {a.target} = {format_expr(a.value)}\n" for a in d.body)
         return f"step {{\n{body}}}"
     raise TypeError(f"not a declaration node: {d!r}")
+
+
+def _format_parent(parent: str) -> str:
+    return parent if parent.isidentifier() else '"' + parent + '"'
 
 
 def format_program(p: Program) -> str:

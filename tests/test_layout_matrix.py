@@ -29,7 +29,7 @@ tensor comes every step. After four steps every parameter, every state and
   and the rest of the strided view's buffer untouched.
 
 Hypers make every update visible in bfloat16 (a relative change of about
-1e-2 per step, above the 4e-3 ulp). Compiling 9 presets x 3 dtypes costs
+1e-2 per step, above the 4e-3 ulp). Compiling 10 presets x 3 dtypes costs
 most of this file's time (about 10 s per preset and dtype on a cold cache).
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ HYPERS = {
     "adam": {"lr": 0.02},
     "adamw": {"lr": 0.02},
     "sgd": {"lr": 0.02, "momentum": 0.9, "weight_decay": 1e-3},
+    "lion": {"lr": 0.01, "weight_decay": 0.1},
 }
 TORCH_EQUAL = {
     "adam": lambda ps, h: torch.optim.Adam(ps, lr=h["lr"], foreach=False),

@@ -28,7 +28,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import layerwise as lw
-from reference import REFERENCES, Lamb, Lars
+from reference import ADAPTATIONS, REFERENCES, Lamb, Lars
 from reference.problem import SHAPES, SOMETIMES, ZERO_GRAD, ZERO_PARAM, make_problem, rel_err
 
 STEPS = 20
@@ -63,6 +63,8 @@ CASES = [
     ("sgd", {}, ()),
     ("sgd", {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}, ()),
     ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": 1, "weight_decay": 0.01}, ()),
+    ("lion", {}, ()),
+    ("lion", {"lr": 3e-3, "beta1": 0.8, "weight_decay": 0.1}, (NO_DECAY,)),
 ]
 # the compiled path: a few representative programs (LAMB; LARS with momentum
 # and nesterov; NVLAMB with its global reduction and param groups; SGD with
@@ -137,7 +139,8 @@ def as_dtype(params, grads, dtype):
 
 # --------------------------------------------------------------------------- the presets
 def test_every_preset_has_a_reference():
-    assert set(lw.presets()) == set(REFERENCES)
+    """Optimizer presets here; adaptation presets (``trust``) in test_adapt.py."""
+    assert set(lw.presets()) == set(REFERENCES) | set(ADAPTATIONS)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))

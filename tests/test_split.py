@@ -27,13 +27,14 @@ def _inputs(lowered, seed: int) -> list[torch.Tensor]:
               for layer in lowered.layer_states]
     globals_ = [torch.rand((), generator=gen, dtype=torch.float64) + 0.5 for _ in lowered.globals]
     consts = list(lowered.update_consts(t, *hypers, *globals_))
-    w, g = (torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(2))
-    return [w, g, t, torch.tensor(float(N), dtype=torch.float64), *hypers, *states, *consts]
+    elem = [torch.randn(N, generator=gen, dtype=torch.float64)
+            for _ in range(3 if lowered.program.kind == "adaptation" else 2)]  # w, g (, u)
+    return [*elem, t, torch.tensor(float(N), dtype=torch.float64), *hypers, *states, *consts]
 
 
 def _elem(lowered) -> set[str]:
-    return {"w", "g", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
-                        if not layer)}
+    return {"w", "g", "u", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
+                             if not layer)}
 
 
 def _shard(inputs: list[torch.Tensor], cut: slice) -> list[torch.Tensor]:
@@ -79,7 +80,7 @@ def _assert_early_equals_fused(lowered, seed: int) -> None:
         return
     inputs = _inputs(lowered, seed)
     fused = lowered.update(*inputs)
-    first = 4 + len(lowered.hyper_names)
+    first = 4 + (lowered.program.kind == "adaptation") + len(lowered.hyper_names)
     outs = keep.level(*inputs)             # every graph here sees this step's t
     count = len(keep.combine)
     partials, early = outs[:count], outs[count:]

@@ -79,9 +79,13 @@ class BucketSet:
     hypers, laid out in chunks of ``chunk`` elements (the runner's)."""
 
     def __init__(self, state_names: tuple[str, ...], layer_states: tuple[bool, ...],
-                 hyper_names: tuple[str, ...], chunk: int):
+                 hyper_names: tuple[str, ...], chunk: int, inputs: tuple[str, ...] = ()):
         self.state_names, self.layer_states = state_names, layer_states
         self.chunk = chunk
+        #: extra per-element inputs (an adaptation's ``u``) and, for this step,
+        #: each parameter's tensor of them (set by the caller before a step)
+        self.inputs = inputs
+        self.feed: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         self.hyper_names = hyper_names
         self.buckets: dict[tuple, Bucket] = {}
         self.slot_of: dict[torch.Tensor, tuple[Bucket, Slot]] = {}
@@ -214,6 +218,11 @@ class BucketSet:
                 if slot.grad_now is not slot.g and slot.numel:
                     fresh.append(slot)
             self._copy_grads(b, fresh)
+            for name, per_param in self.feed.items():
+                active = [s for s, on in zip(b.slots, flags) if on and s.numel]
+                if active:
+                    torch._foreach_copy_([s.inputs[name] for s in active],
+                                         [local(per_param[s.param]) for s in active])
             self._set_hypers(b)
             self._set_active(b, tuple(flags))
             mask = None
@@ -239,7 +248,7 @@ class BucketSet:
         self.buckets, self.slot_of = {}, {}
         for key, items in members.items():
             b = Bucket([(m.param, m.name, m.group) for m, _ in items], self.state_names,
-                       self.layer_states, len(self.hyper_names), self.chunk)
+                       self.layer_states, len(self.hyper_names), self.chunk, self.inputs)
             self.buckets[key] = b
             for slot, (m, old) in zip(b.slots, items):
                 self.slot_of[slot.param] = (b, slot)

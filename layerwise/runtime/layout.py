@@ -131,6 +131,7 @@ class Slot:
     w: torch.Tensor | None = None   # views of the buffers with the slot's geometry
     g: torch.Tensor | None = None
     states: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     entries: dict | None = None     # the dict optimizer.state[p] is, when it holds our views
     entry_values: list = field(default_factory=list)  # the views it holds, in order
     ptr: int = 0                    # W's address of the slot (an adopted param's data_ptr)
@@ -163,11 +164,13 @@ class Bucket:
             layer (one number per parameter) rather than elem states.
         hyper_count: number of hyperparameters (rows of ``H``).
         chunk: elements per chunk.
+        inputs: names of extra per-element inputs (an adaptation's ``u``),
+            one buffer each in ``X``, filled before every step.
     """
 
     def __init__(self, members: list[tuple[torch.Tensor, str, object]],
                  state_names: tuple[str, ...], layer_states: tuple[bool, ...],
-                 hyper_count: int, chunk: int = CHUNK):
+                 hyper_count: int, chunk: int = CHUNK, inputs: tuple[str, ...] = ()):
         first = local(members[0][0])
         self.dtype, self.device = first.dtype, first.device
         self.cdtype = compute_dtype(self.dtype)
@@ -204,6 +207,7 @@ class Bucket:
         self.W = self._buffer(self.dtype)
         self.G = self._buffer(self.dtype)
         self.S = {n: self._buffer(cd) for n, layer in zip(state_names, layer_states) if not layer}
+        self.X = {n: self._buffer(cd) for n in inputs}
         self.L = {n: torch.zeros(P, dtype=cd, device=dev)
                   for n, layer in zip(state_names, layer_states) if layer}
         self.T = torch.zeros(P, dtype=cd, device=dev)
@@ -219,6 +223,7 @@ class Bucket:
             s.g = self._view(self.G, s)
             s.ptr = s.w.data_ptr() if s.numel else 0
             s.states = {n: self._view(buf, s) for n, buf in self.S.items()}
+            s.inputs = {n: self._view(buf, s) for n, buf in self.X.items()}
             s.states.update({n: own_view(vec, (), (), s.index) for n, vec in self.L.items()})
             s.states["step"] = own_view(self.T, (), (), s.index)
         self.grads_exposed = False

@@ -92,8 +92,8 @@ def _procedure(name: str, gm: fx.GraphModule, final_roles: list[Role], elem: set
 def procedures(lowered: Lowered, chunk: int) -> dict[str, Procedure]:
     """The ``init``, ``update`` and (with global reductions) ``reduce``
     procedures of ``lowered``, for chunks of ``chunk`` elements."""
-    elem = {"w", "g", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
-                        if not layer)}
+    elem = {"w", "g", "u", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
+                             if not layer)}
     out: dict[str, Procedure] = {}
     init_roles = [Role("write_vec" if layer else "write", s)
                   for s, layer in zip(lowered.state_names, lowered.layer_states)]

@@ -57,7 +57,7 @@ class Runner:
 
     def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor):
         f = p.flat
-        buffers = {"w": bucket.W, "g": bucket.G, **bucket.S}
+        buffers = {"w": bucket.W, "g": bucket.G, **bucket.X, **bucket.S}
         vec = [reds[p.reads[n]] if n in p.reads else env[n] for n in f.vec_inputs]
         if active is bucket.active:
             # eager: None when every segment is active (writes become plain copies)

@@ -12,8 +12,9 @@ Usage::
     opt.step({"w": np.full((3, 2), 0.5)})          # None skips a parameter
     opt.watched["tr"]["w"]                         # trust ratio per step
 """
+from .adaptations import Trust
 from .base import ReferenceOptimizer, l2norm
-from .classic import Adam, AdamW, Sgd
+from .classic import Adam, AdamW, Lion, Sgd
 from .lamb_family import Lamb, LambC, NvLamb
 from .lars_family import Larc, Lars, LarsLambPaper
 
@@ -27,7 +28,12 @@ REFERENCES: dict[str, type[ReferenceOptimizer]] = {
     "adam": Adam,
     "adamw": AdamW,
     "sgd": Sgd,
+    "lion": Lion,
 }
 
-__all__ = ["REFERENCES", "ReferenceOptimizer", "l2norm", "Adam", "AdamW", "Sgd", "Lamb",
-           "LambC", "NvLamb", "Lars", "LarsLambPaper", "Larc"]
+#: adaptation presets -> a function of a base reference class giving the
+#: reference of that base adapted (LANGUAGE.md section 12)
+ADAPTATIONS = {"trust": Trust}
+
+__all__ = ["REFERENCES", "ADAPTATIONS", "ReferenceOptimizer", "l2norm", "Adam", "AdamW", "Sgd",
+           "Lion", "Lamb", "LambC", "NvLamb", "Lars", "LarsLambPaper", "Larc", "Trust"]

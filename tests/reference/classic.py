@@ -5,7 +5,7 @@ import numpy as np
 
 from .base import ReferenceOptimizer
 
-__all__ = ["Adam", "AdamW", "Sgd"]
+__all__ = ["Adam", "AdamW", "Sgd", "Lion"]
 
 
 class Adam(ReferenceOptimizer):
@@ -85,3 +85,21 @@ class Sgd(ReferenceOptimizer):
     def update(self, w, g, state, t, h, context, name):
         g = g + h["weight_decay"] * w
         w[...] = w - h["lr"] * sgd_direction(g, state, h)
+
+
+class Lion(ReferenceOptimizer):
+    """Lion, Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"
+    (arXiv:2302.06675), Algorithm 2, with decoupled weight decay:
+
+        c = beta1 * m + (1 - beta1) * g
+        w = w - lr * (sign(c) + weight_decay * w)
+        m = beta2 * m + (1 - beta2) * g
+    """
+
+    defaults = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0}
+
+    def update(self, w, g, state, t, h, context, name):
+        m = state.setdefault("m", np.zeros_like(w))
+        c = h["beta1"] * m + (1 - h["beta1"]) * g
+        w[...] = w - h["lr"] * (np.sign(c) + h["weight_decay"] * w)
+        m[...] = h["beta2"] * m + (1 - h["beta2"]) * g
