@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["grammar_text", "presets_dir", "preset_path", "preset_names"]
+__all__ = ["grammar_text", "language_reference", "presets_dir", "preset_path", "preset_names"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -24,6 +24,12 @@ def _data_dir(name: str) -> Path:
 def grammar_text() -> str:
     """The text of ``grammars/layerwise.lark``."""
     return (_data_dir("grammars") / "layerwise.lark").read_text(encoding="utf-8")
+
+
+def language_reference() -> str:
+    """The text of the language reference, ``docs/language.md`` (the project's
+    copy of the contract, LANGUAGE.md version 2)."""
+    return (_data_dir("docs") / "language.md").read_text(encoding="utf-8")
 
 
 def presets_dir() -> Path:

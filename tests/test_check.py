@@ -488,6 +488,14 @@ def test_contract_programs_are_the_ones_in_language_md():
     assert via_api.program.step == lw.load(PROGRAMS / "lamb_phi_clip.lw").program.step
 
 
+@pytest.mark.skipif(not LANGUAGE.is_file() and not os.environ.get("CI"),
+                    reason="shared/LANGUAGE.md is not beside this checkout")
+def test_the_projects_language_reference_is_the_contract():
+    """docs/language.md (shipped in the package) is LANGUAGE.md, word for word."""
+    from layerwise.resources import language_reference
+    assert language_reference() == LANGUAGE.read_text(encoding="utf-8")
+
+
 def test_override_reports_declaration_and_check_problems_together():
     err = pytest.raises(SpecError, lw.load("lamb").override,
                         "hyper k = 1\nhyper k = 2\ndef phi(z) = z * kk\n").value
