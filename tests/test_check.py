@@ -501,7 +501,7 @@ def test_override_reports_declaration_and_check_problems_together():
                         "hyper k = 1\nhyper k = 2\ndef phi(z) = z * kk\n").value
     assert err.lines() == [
         "<override>:2:7: 'k' is already declared as a hyper at line 1",
-        "<override>:3:18: unknown name 'kk'; did you mean 'k'? (in def 'phi' called at lamb.lw:23)",
+        "<override>:3:18: unknown name 'kk'; did you mean 'k'? (in def 'phi' called at lamb.lw:31)",
     ]
 
 
