@@ -1,7 +1,7 @@
-"""Large-batch ablations: an optimizer x batch-size grid per task, a table and plots.
+"""Large-batch ablations: an optimizer x adaptation x batch-size grid per task, a table and plots.
 
 ``layerwise ablate`` trains every cell of the grid (task x optimizer
-variant x batch size) with :func:`layerwise.train.train` for the same
+variant x adaptation x batch size) with :func:`layerwise.train.train` for the same
 number of epochs, so a larger batch means proportionally fewer steps (the
 fixed-epoch budget of the LARS and LAMB papers). Each cell's peak learning
 rate follows the rule of :mod:`layerwise.train`:
@@ -17,11 +17,22 @@ linear decay after it.
 ``phi`` (LAMB's scaling function, ``trust = phi(||w||) / ||u||``), a
 variant ``spec.override("def phi(z) = EXPR")`` labelled ``NAME[phi=EXPR]``.
 
+``--adapt NAME...`` adds the adaptation axis (LANGUAGE.md section 12):
+every optimizer of the grid runs once per adaptation, ``NAME`` being an
+adaptation preset (``trust``), a ``.lw`` file that starts with
+``adaptation NAME``, or ``none`` (the optimizer as it is; the only value
+when ``--adapt`` is not given). An adapted cell trains the program
+``lw.adapt`` makes of the optimizer and the adaptation (:func:`adapt_spec`),
+labelled ``OPTIMIZER+ADAPTATION`` (``adamw+trust``), with the optimizer's
+base LR and LR rule: the adaptation is the only change.
+
 Outputs in ``DIR``: ``results.csv`` (one row per cell), ``results.md`` (per
-task, a table optimizer x batch size -> validation metric, like the
-papers' tables), ``metric_vs_batch.png``, ``trust_ratios_TASK.png`` (the
-per-layer trust ratios of one run per task) and ``runs/*.json`` (every
-run's full record).
+task, a table optimizer (x adaptation) x batch size -> validation metric,
+like the papers' tables), ``metric_vs_batch.png``, ``trust_ratios_TASK.png``
+(the per-layer trust ratios of one run per task) and ``runs/*.json`` (every
+run's full record: ``runs/TASK_OPTIMIZER_bN.json`` for an unadapted cell,
+as before the adaptation axis, ``runs/TASK_OPTIMIZER+ADAPTATION_bN.json``
+for an adapted one).
 
 Cells run in ``jobs`` worker processes (spawned), each cell on
 ``threads`` torch threads (default 1), so results do not depend on
@@ -38,34 +49,77 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import torch
+
+from .adapt import adapt
 from .errors import SpecError
-from .spec import Spec
+from .optimizer import Optimizer
+from .spec import Spec, load, presets
 from .tasks import Task, get_task, task_names
 from .train import plan_run, resolve_spec, train, write_record
 
-__all__ = ["DEFAULT_OPTIMIZERS", "Variant", "defines", "make_variants", "run_ablation",
-           "write_csv", "markdown_table", "plot_metric_vs_batch", "plot_trust_ratios"]
+__all__ = ["DEFAULT_OPTIMIZERS", "NONE", "Adaptation", "Variant", "defines", "adapt_spec",
+           "make_adaptations", "make_variants", "record_name", "run_ablation", "write_csv",
+           "markdown_table", "plot_metric_vs_batch", "plot_trust_ratios"]
 
 #: The default grid's optimizers.
 DEFAULT_OPTIMIZERS = ("lamb", "lars", "adamw", "sgd")
 
-_FIELDS = ["task", "optimizer", "program", "batch_size", "epochs", "steps", "lr", "base_lr",
-           "lr_rule", "warmup_steps", "metric", "value", "val_loss", "diverged",
+#: The adaptation axis's value for an optimizer run as it is.
+NONE = "none"
+
+_FIELDS = ["task", "optimizer", "adaptation", "program", "batch_size", "epochs", "steps", "lr",
+           "base_lr", "lr_rule", "warmup_steps", "metric", "value", "val_loss", "diverged",
            "train_time_s", "record"]
 
 
 @dataclasses.dataclass(frozen=True)
+class Adaptation:
+    """A value of the grid's adaptation axis: a label and a checked adaptation program.
+
+    ``label`` is the program's name (``trust``), made unique in the grid
+    with ``#2``, ``#3`` when two files declare the same name.
+    """
+    label: str
+    spec: Spec
+
+
+@dataclasses.dataclass(frozen=True)
 class Variant:
-    """One row of the grid: a label, a spec, and optionally its base LR and LR rule.
+    """One row of the grid: a label, a spec, optionally its base LR and LR rule, and
+    optionally an adaptation applied to it.
 
     ``base_lr`` ``None`` means the task's tuned value for ``spec.name``, or
     else the program's default ``lr``; ``lr_rule`` ``None`` means
-    :func:`layerwise.train.lr_rule_for`.
+    :func:`layerwise.train.lr_rule_for`. With an ``adaptation`` the cell
+    trains :func:`adapt_spec` of ``spec`` (the same program name, so the
+    same tuned base LR and LR rule) and is named ``LABEL+ADAPTATION``.
     """
     label: str
     spec: Spec
     base_lr: float | None = None
     lr_rule: str | None = None
+    adaptation: Adaptation | None = None
+
+    @property
+    def adaptation_label(self) -> str:
+        """The adaptation's label, or ``"none"``."""
+        return NONE if self.adaptation is None else self.adaptation.label
+
+    @property
+    def name(self) -> str:
+        """The cell's name: ``label``, or ``label+adaptation`` for an adapted variant."""
+        return self.label if self.adaptation is None else f"{self.label}+{self.adaptation.label}"
+
+    def train_spec(self) -> Spec:
+        """The program this variant trains: ``spec``, adapted if it has an adaptation.
+
+        Raises:
+            SpecError, ValueError: the adaptation cannot be applied to ``spec``
+                (see :func:`adapt_spec`).
+        """
+        return self.spec if self.adaptation is None else adapt_spec(self.spec,
+                                                                     self.adaptation.spec)
 
 
 def defines(spec: Spec, name: str) -> bool:
@@ -77,23 +131,122 @@ def defines(spec: Spec, name: str) -> bool:
     return decls is not None and name in decls.defs
 
 
+def adapt_spec(spec: Spec, adaptation: Spec | str) -> Spec:
+    """The program ``lw.adapt`` makes of optimizer ``spec`` and ``adaptation``.
+
+    ``lw.adapt(lw.Optimizer(params, spec), adaptation)`` with the
+    adaptation's default hypers, as a spec that ``lw.Optimizer`` (and so
+    :func:`layerwise.train.train`) accepts; its name is ``spec.name``.
+
+    Raises:
+        FileNotFoundError, SpecError: ``adaptation`` is missing or does not check.
+        SpecError: it clashes with ``spec`` (a hyper, state or watched name of both).
+        ValueError: ``adaptation`` is an optimizer, not an adaptation.
+    """
+    base = Optimizer([torch.zeros(1, requires_grad=True)], spec, compile=False)
+    return adapt(base, adaptation, compile=False).spec
+
+
+def _adaptation_presets() -> list[str]:
+    """The shipped presets that are adaptations (for error messages)."""
+    names = []
+    for name in presets():
+        try:
+            if load(name).program.kind == "adaptation":
+                names.append(name)
+        except (SpecError, OSError):
+            continue
+    return names
+
+
+def make_adaptations(names: Iterable[str | Spec | Adaptation | None] | None
+                     ) -> list[Adaptation | None]:
+    """The grid's adaptation axis from ``--adapt`` values, checked before any run.
+
+    Each value is ``"none"`` or ``None`` (no adaptation: ``None`` in the
+    result), an adaptation preset name, a path to a ``.lw`` file that starts
+    with ``adaptation NAME``, a :class:`Spec` of one, or an
+    :class:`Adaptation`. ``names`` empty or ``None``: ``[None]`` (the grid
+    without the axis).
+
+    Raises:
+        ValueError: a value given twice, a name that is neither ``none``,
+            a preset nor a file, or an optimizer program given as an
+            adaptation; the message names the value.
+        SpecError: an adaptation file that does not check.
+    """
+    out: list[Adaptation | None] = []
+    seen: set = set()
+    used: set[str] = set()
+    for value in (list(names) if names else [NONE]):
+        key = NONE if value is None or value == NONE else value
+        if isinstance(key, Adaptation):
+            key = key.spec
+        if key in seen:
+            raise ValueError(f"--adapt '{_text(key)}' is given twice")
+        seen.add(key)
+        if key == NONE:
+            out.append(None)
+            continue
+        if isinstance(value, Adaptation):
+            spec, label = value.spec, value.label
+        else:
+            try:
+                spec = value if isinstance(value, Spec) else load(value)
+            except FileNotFoundError:
+                raise ValueError(
+                    f"--adapt '{value}' is neither 'none', an adaptation preset "
+                    f"({', '.join(_adaptation_presets()) or 'none shipped'}) nor a file"
+                ) from None
+            label = spec.name
+        if spec.program.kind != "adaptation":
+            raise ValueError(
+                f"--adapt '{_text(value)}': '{spec.name}' is an optimizer, not an adaptation "
+                f"(a program that starts with 'adaptation NAME'); adaptation presets: "
+                f"{', '.join(_adaptation_presets()) or 'none shipped'}")
+        unique, n = label, 1
+        while unique in used or unique == NONE:
+            n += 1
+            unique = f"{label}#{n}"
+        used.add(unique)
+        out.append(Adaptation(unique, spec))
+    return out
+
+
+def _text(value) -> str:
+    if isinstance(value, Adaptation):
+        return value.label
+    return value.name if isinstance(value, Spec) else str(value)
+
+
 def make_variants(optimizers: Iterable[str | Spec], phis: Sequence[str] = (),
                   base_lrs: dict[str, float] | None = None,
-                  lr_rule: str | None = None) -> list[Variant]:
-    """The grid's rows: each optimizer, then each ``phi`` variant of each that defines ``phi``.
+                  lr_rule: str | None = None,
+                  adaptations: Iterable[str | Spec | Adaptation | None] | None = None
+                  ) -> list[Variant]:
+    """The grid's rows: each optimizer, then each ``phi`` variant of each that defines
+    ``phi``; each of them once per adaptation.
 
     ``optimizers`` are preset names, ``.lw`` paths or specs; labels are the
-    program names (made unique with ``#2``, ``#3``). ``base_lrs`` maps a
-    label or a program name to a base LR (label wins).
+    program names (made unique with ``#2``, ``#3``). ``adaptations`` are
+    the values of ``--adapt`` (:func:`make_adaptations`; default: none
+    only, the grid without the axis); the rows of one optimizer are
+    adjacent, in the order of ``adaptations``. ``base_lrs`` maps a cell
+    name (``adamw+trust``), a label or a program name to a base LR (in
+    that order of precedence).
 
     Raises:
         FileNotFoundError, SpecError: a SPEC that is missing or does not
             check, or a ``phi`` expression that does not check.
-        ValueError: ``phis`` given but no optimizer defines ``phi``, or a
-            ``base_lrs`` key that names no optimizer.
+        ValueError: an optimizer SPEC that is an adaptation; ``phis`` given
+            but no optimizer defines ``phi``; a ``base_lrs`` key that names
+            no row; a bad adaptation (:func:`make_adaptations`); an
+            adaptation that cannot be applied to an optimizer of the grid
+            (every such pair named).
     """
     base_lrs = dict(base_lrs or {})
-    variants: list[Variant] = []
+    adapts = make_adaptations(adaptations)
+    plain: list[Variant] = []
     used: set[str] = set()
 
     def add(label: str, spec: Spec) -> None:
@@ -102,30 +255,48 @@ def make_variants(optimizers: Iterable[str | Spec], phis: Sequence[str] = (),
             n += 1
             unique = f"{label}#{n}"
         used.add(unique)
-        lr = base_lrs.get(unique, base_lrs.get(spec.name))
-        variants.append(Variant(unique, spec, lr, lr_rule))
+        plain.append(Variant(unique, spec, None, lr_rule))
 
+    optimizers = list(optimizers)
     specs = [resolve_spec(o) for o in optimizers]
-    for spec in specs:
+    for o, spec in zip(optimizers, specs):
+        if spec.program.kind == "adaptation":
+            raise ValueError(f"--optimizer '{_text(o)}': '{spec.name}' is an adaptation, not an "
+                             f"optimizer: give it with --adapt {spec.name}")
         add(spec.name, spec)
-    plain = list(variants)
+    bases = list(plain)
     for expr in phis:
         expr = " ".join(expr.split())
-        targets = [v for v in plain if defines(v.spec, "phi")]
+        targets = [v for v in bases if defines(v.spec, "phi")]
         if not targets:
             raise ValueError(f"--phi '{expr}': no optimizer of the grid defines phi "
-                             f"(e.g. lamb); grid: {', '.join(v.label for v in plain)}")
+                             f"(e.g. lamb); grid: {', '.join(v.label for v in bases)}")
         for v in targets:
             try:
                 spec = v.spec.override(f"def phi(z) = {expr}", filename=f"<--phi {expr}>")
             except SpecError as err:
                 raise ValueError(f"--phi '{expr}' for {v.label}: {err.message}") from None
             add(f"{v.label}[phi={expr}]", spec)
-    known = {v.label for v in variants} | {v.spec.name for v in variants}
+    variants = [dataclasses.replace(v, adaptation=a) for v in plain for a in adapts]
+    clashes = []
+    for v in variants:
+        if v.adaptation is not None:
+            try:
+                v.train_spec()
+            except (SpecError, ValueError) as err:
+                message = err.message if isinstance(err, SpecError) else str(err)
+                clashes.append(f"{v.adaptation.label} cannot be applied to {v.label}: {message}")
+    if clashes:
+        raise ValueError(f"--adapt {'; '.join(clashes)} (leave the optimizer out of "
+                         "--optimizer or the adaptation out of --adapt)")
+    variants = [dataclasses.replace(v, base_lr=base_lrs.get(
+        v.name, base_lrs.get(v.label, base_lrs.get(v.spec.name)))) for v in variants]
+    known = {v.name for v in variants} | {v.label for v in variants} | {v.spec.name
+                                                                         for v in variants}
     unknown = [k for k in base_lrs if k not in known]
     if unknown:
         raise ValueError(f"--base-lr names no optimizer of the grid: {', '.join(unknown)}; "
-                         f"grid: {', '.join(v.label for v in variants)}")
+                         f"grid: {', '.join(v.name for v in variants)}")
     return variants
 
 
@@ -143,16 +314,34 @@ def _task(name: str) -> Task:
     return _TASKS[name]
 
 
+def record_name(task: str, variant: Variant, batch_size: int) -> str:
+    """A cell's record path relative to the output folder.
+
+    ``runs/TASK_LABEL_bN.json`` for an unadapted cell (the name it had
+    before the adaptation axis), ``runs/TASK_LABEL+ADAPTATION_bN.json`` for
+    an adapted one (``+`` never occurs in a slug, so the two cannot clash).
+    """
+    name = _slug(variant.label)
+    if variant.adaptation is not None:
+        name += "+" + _slug(variant.adaptation.label)
+    return f"runs/{task}_{name}_b{batch_size}.json"
+
+
 def _run_cell(cell: dict) -> dict:
     """Run one grid cell (in a worker process or in-process); write its record; return its row."""
     task = _task(cell["task"])
     v: Variant = cell["variant"]
-    record = train(task, v.spec, progress=False, threads=cell["threads"], label=v.label,
+    record = train(task, cell["spec"], progress=False, threads=cell["threads"], label=v.name,
                    batch_size=cell["batch_size"], epochs=cell["epochs"], base_lr=v.base_lr,
                    lr_rule=v.lr_rule, seed=cell["seed"], max_steps=cell["max_steps"])
+    ad = v.adaptation
+    record["adaptation"] = None if ad is None else {
+        "label": ad.label, "name": ad.spec.name, "file": ad.spec.filename,
+        "program": ad.spec.to_text()}
     write_record(record, cell["record_path"])
     cfg, final = record["config"], record["final"]
-    return {"task": task.name, "optimizer": v.label, "program": v.spec.name,
+    return {"task": task.name, "optimizer": v.label, "adaptation": v.adaptation_label,
+            "program": v.spec.name,
             "batch_size": cfg["batch_size"], "epochs": cfg["epochs"], "steps": record["steps"],
             "lr": cfg["lr"], "base_lr": cfg["base_lr"], "lr_rule": cfg["lr_rule"],
             "warmup_steps": cfg["warmup_steps"], "metric": final["metric"],
@@ -169,7 +358,8 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
 
     Args:
         out_dir: output folder (created).
-        variants: the rows (:func:`make_variants`).
+        variants: the rows (:func:`make_variants`; an adapted variant is the
+            optimizer at one value of the adaptation axis).
         tasks: task names (default: every built-in task).
         batch_sizes: the columns, for every task (default: each task's
             ``ablate_batch_sizes``).
@@ -182,30 +372,45 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
 
     Returns:
         One row per cell (the CSV's rows), in grid order: task, then
-        variant, then batch size.
+        variant (an optimizer's adaptations adjacent), then batch size.
+        Each row has the optimizer's label (``optimizer``), the adaptation's
+        (``adaptation``, ``"none"`` for an unadapted cell) and the record's
+        path (``record``, :func:`record_name`).
 
     Raises:
         UnknownTaskError, ValueError: bad input, found before any run
-            (unknown task, batch size larger than a training set, ...).
+            and before anything is written (unknown task, batch size larger
+            than a training set, an adaptation that does not apply, two
+            cells with the same record path, ...).
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     tasks = list(tasks) if tasks else task_names()
+    specs = {}
+    for v in variants:
+        if v not in specs:
+            specs[v] = v.train_spec()
     cells = []
+    paths: dict[str, str] = {}
     for tname in tasks:
         task = _task(tname)
         sizes = list(batch_sizes) if batch_sizes else list(task.ablate_batch_sizes)
         n_epochs = epochs if epochs is not None else task.ablate_epochs
         for v in variants:
             for b in sizes:
-                plan_run(task, v.spec, batch_size=b, epochs=n_epochs, base_lr=v.base_lr,
-                         lr_rule=v.lr_rule, seed=seed, label=v.label,
+                plan_run(task, specs[v], batch_size=b, epochs=n_epochs, base_lr=v.base_lr,
+                         lr_rule=v.lr_rule, seed=seed, label=v.name,
                          max_steps=max_steps)   # validate everything before any run
-                rel = f"runs/{tname}_{_slug(v.label)}_b{b}.json"
-                cells.append({"task": tname, "variant": v, "batch_size": b, "epochs": n_epochs,
-                              "seed": seed, "threads": threads, "max_steps": max_steps,
-                              "record_path": str(out / rel),
+                rel = record_name(tname, v, b)
+                if rel in paths:
+                    raise ValueError(f"two cells would write {rel}: {paths[rel]} and "
+                                     f"{tname} {v.name} b{b} (give the variants other labels, "
+                                     "or a batch size once)")
+                paths[rel] = f"{tname} {v.name} b{b}"
+                cells.append({"task": tname, "variant": v, "spec": specs[v], "batch_size": b,
+                              "epochs": n_epochs, "seed": seed, "threads": threads,
+                              "max_steps": max_steps, "record_path": str(out / rel),
                               "record_rel": rel})
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict | None] = [None] * len(cells)
@@ -249,15 +454,26 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
 
 
 def _cell_name(cell: dict) -> str:
-    return f"{cell['task']} {cell['variant'].label} b{cell['batch_size']}"
+    return f"{cell['task']} {cell['variant'].name} b{cell['batch_size']}"
+
+
+def _adaptation(row: dict) -> str:
+    """A row's adaptation; ``"none"`` for rows written before the adaptation axis."""
+    return row.get("adaptation") or NONE
+
+
+def _row_name(row: dict) -> str:
+    ad = _adaptation(row)
+    return row["optimizer"] if ad == NONE else f"{row['optimizer']}+{ad}"
 
 
 def _trust_run(out: Path, rows: list[dict]) -> dict | None:
-    """The record of the first variant with trust ratios, at its largest batch size."""
-    by_label: dict[str, list[dict]] = {}
+    """The record of the first row (optimizer and adaptation) with trust ratios, at its
+    largest batch size."""
+    by_name: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        by_label.setdefault(r["optimizer"], []).append(r)
-    for label, rs in by_label.items():
+        by_name.setdefault((r["optimizer"], _adaptation(r)), []).append(r)
+    for rs in by_name.values():
         r = max(rs, key=lambda r: r["batch_size"])
         record = json.loads((out / r["record"]).read_text(encoding="utf-8"))
         if any(record["trust_ratios"]["values"].values()):
@@ -286,11 +502,16 @@ _METRIC_TITLE = {"accuracy": "validation accuracy, % (higher is better)",
 
 
 def markdown_table(rows: list[dict], wall_time_s: float | None = None) -> str:
-    """The results as markdown: per task, optimizer x batch size -> validation metric.
+    """The results as markdown: per task, optimizer (x adaptation) x batch size -> validation
+    metric.
 
     Cells show the metric (accuracy in %, or bits per byte) and, in
     brackets, the validation cross-entropy in nats; the best cell of each
     column is bold; ``diverged`` marks a run whose loss became non-finite.
+    A task whose rows have an adaptation other than ``none`` gets an
+    ``adaptation`` column (one table row per optimizer and adaptation);
+    without one the table is as before the adaptation axis. Rows without an
+    ``adaptation`` key count as ``none``.
     """
     lines: list[str] = []
     for tname in dict.fromkeys(r["task"] for r in rows):
@@ -298,28 +519,31 @@ def markdown_table(rows: list[dict], wall_time_s: float | None = None) -> str:
         task = get_task(tname)
         metric = rs[0]["metric"]
         sizes = sorted({r["batch_size"] for r in rs})
-        labels = list(dict.fromkeys(r["optimizer"] for r in rs))
-        cell = {(r["optimizer"], r["batch_size"]): r for r in rs}
+        keys = list(dict.fromkeys((r["optimizer"], _adaptation(r)) for r in rs))
+        adapted = any(ad != NONE for _, ad in keys)
+        cell = {(r["optimizer"], _adaptation(r), r["batch_size"]): r for r in rs}
         best = {}
         for b in sizes:
-            vals = [cell[(l, b)]["value"] for l in labels
-                    if (l, b) in cell and cell[(l, b)]["value"] is not None]
+            vals = [cell[(*k, b)]["value"] for k in keys
+                    if (*k, b) in cell and cell[(*k, b)]["value"] is not None]
             if vals:
                 best[b] = max(vals) if task.higher_is_better else min(vals)
         steps = {b: next(r["steps"] for r in rs if r["batch_size"] == b) for b in sizes}
+        head = ["optimizer", *(["adaptation"] if adapted else []), "LR rule", "base LR"]
         lines.append(f"### {tname}: {_METRIC_TITLE.get(metric, metric)}")
         lines.append("")
         lines.append(f"{task.summary}; {rs[0]['epochs']} epoch(s) per run; "
                      "cells: metric (validation loss, nats).")
         lines.append("")
-        lines.append("| optimizer | LR rule | base LR | "
+        lines.append("| " + " | ".join(head) + " | "
                      + " | ".join(f"B={b} ({steps[b]} steps)" for b in sizes) + " |")
-        lines.append("| --- | --- | --- | " + " | ".join("---" for _ in sizes) + " |")
-        for label in labels:
-            first = next(r for r in rs if r["optimizer"] == label)
+        lines.append("| " + " | ".join("---" for _ in head) + " | "
+                     + " | ".join("---" for _ in sizes) + " |")
+        for key in keys:
+            first = next(r for r in rs if (r["optimizer"], _adaptation(r)) == key)
             cells = []
             for b in sizes:
-                r = cell.get((label, b))
+                r = cell.get((*key, b))
                 if r is None:
                     cells.append("")
                     continue
@@ -329,8 +553,9 @@ def markdown_table(rows: list[dict], wall_time_s: float | None = None) -> str:
                     if r["value"] == best.get(b):
                         text = f"**{text}**"
                 cells.append(text)
-            lines.append(f"| {label} | {first['lr_rule']} | {first['base_lr']:g} | "
-                         + " | ".join(cells) + " |")
+            lead = [key[0], *([key[1]] if adapted else []), first["lr_rule"],
+                    f"{first['base_lr']:g}"]
+            lines.append("| " + " | ".join(lead) + " | " + " | ".join(cells) + " |")
         lines.append("")
     if wall_time_s is not None:
         lines.append(f"Wall time of the grid: {wall_time_s:.0f} s.")
@@ -346,23 +571,37 @@ def _pyplot():
 
 
 def plot_metric_vs_batch(rows: list[dict], path: str | Path) -> None:
-    """PNG: validation metric against batch size (log scale), one line per optimizer,
-    one panel per task; diverged runs are left out of their line and named in the legend."""
+    """PNG: validation metric against batch size (log scale), one line per optimizer and
+    adaptation, one panel per task.
+
+    An optimizer keeps its colour across adaptations; each adaptation has a
+    line style (solid for ``none``) and its lines are labelled
+    ``OPTIMIZER+ADAPTATION``. Diverged runs are left out of their line and
+    named in the legend.
+    """
     plt = _pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    styles = ["-", "--", ":", "-."]
+    adaptations = list(dict.fromkeys([NONE, *(_adaptation(r) for r in rows)]))
+    style = {ad: styles[i % len(styles)] for i, ad in enumerate(adaptations)}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in rows))
+    colour = {o: colours[i % len(colours)] for i, o in enumerate(optimizers)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
     for ax, tname in zip(axes[0], tasks):
         rs = [r for r in rows if r["task"] == tname]
         metric = rs[0]["metric"]
         scale = 100.0 if metric == "accuracy" else 1.0
-        for label in dict.fromkeys(r["optimizer"] for r in rs):
-            mine = [r for r in rs if r["optimizer"] == label]
+        for opt, ad in dict.fromkeys((r["optimizer"], _adaptation(r)) for r in rs):
+            mine = [r for r in rs if (r["optimizer"], _adaptation(r)) == (opt, ad)]
+            label = _row_name(mine[0])
             pts = sorted((r["batch_size"], r["value"] * scale) for r in mine
                          if r["value"] is not None)
             lost = sorted(r["batch_size"] for r in mine if r["value"] is None)
             if lost:
                 label += f" (diverged at B={', '.join(map(str, lost))})"
-            ax.plot(*(zip(*pts) if pts else ([], [])), marker="o", label=label)
+            ax.plot(*(zip(*pts) if pts else ([], [])), marker="o", label=label,
+                    color=colour[opt], linestyle=style[ad])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["batch_size"] for r in rs}))
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())

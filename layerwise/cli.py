@@ -5,8 +5,9 @@ lines and exits with status 1 (``check``) or 2 (usage and input errors);
 never a Python traceback. ``train`` and ``ablate`` (the real-data tasks,
 ``layerwise.train`` and ``layerwise.ablate``) print exactly one line for
 a bad input: a missing or invalid SPEC, an unknown task, a batch size
-larger than the training set, an unknown hyper name, or a missing
-``layerwise[tasks]`` dependency.
+larger than the training set, an unknown hyper name, an ``--adapt`` value
+that is not an adaptation (or one that cannot be applied to an optimizer
+of the grid), or a missing ``layerwise[tasks]`` dependency.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def _cmd_ablate(args) -> int:
         get_task(t)
     base_lrs = dict(parse_hyper(x) for x in args.base_lr)
     variants = make_variants(args.optimizer or DEFAULT_OPTIMIZERS, args.phi or (), base_lrs,
-                             args.lr_rule)
+                             args.lr_rule, adaptations=args.adapt)
     rows = run_ablation(args.out, variants, tasks=tasks, batch_sizes=args.batch_size,
                         epochs=args.epochs, seed=args.seed, jobs=args.jobs, threads=args.threads,
                         progress=not args.quiet, max_steps=args.max_steps)
@@ -185,8 +186,8 @@ def _add_train_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("ablate", help="optimizer x batch-size grid on the built-in tasks: "
-                                      "results.csv, results.md and plots in DIR")
+    p = sub.add_parser("ablate", help="optimizer x adaptation x batch-size grid on the built-in "
+                                      "tasks: results.csv, results.md and plots in DIR")
     p.add_argument("--task", nargs="+", action="extend", metavar="T",
                    help="tasks (default: all: digits charlm)")
     p.add_argument("--optimizer", nargs="+", action="extend", metavar="SPEC",
@@ -195,11 +196,16 @@ def _add_train_parsers(sub) -> None:
                    metavar="N", help="batch sizes for every task (default: each task's)")
     p.add_argument("--phi", nargs="+", action="extend", metavar="EXPR",
                    help="add 'def phi(z) = EXPR' variants of each optimizer defining phi")
+    p.add_argument("--adapt", nargs="+", action="extend", metavar="NAME",
+                   help="run every optimizer once per adaptation: an adaptation preset "
+                        "(trust), a .lw file starting 'adaptation NAME', or none (the "
+                        "optimizer as it is); default: none")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--epochs", type=_positive_int, metavar="E",
                    help="epochs per run (default: each task's)")
     p.add_argument("--base-lr", nargs="+", action="extend", default=[], metavar="NAME=X",
-                   help="base LR (at the task's base batch size) of an optimizer")
+                   help="base LR (at the task's base batch size) of an optimizer, or of one "
+                        "adapted optimizer (NAME: OPTIMIZER+ADAPTATION, e.g. sgd+trust)")
     p.add_argument("--lr-rule", choices=("sqrt", "linear", "none"),
                    help="LR scaling for every optimizer (default: linear for sgd/lars/larc, "
                         "else sqrt)")

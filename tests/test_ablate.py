@@ -1,14 +1,16 @@
-"""layerwise.ablate: variants (--phi), the grid, results.csv / results.md and plots."""
+"""layerwise.ablate: variants (--phi, --adapt), the grid, results.csv / results.md and plots."""
 from __future__ import annotations
 
 import csv
 import json
 
 import pytest
+import torch
 
 import layerwise as lw
-from layerwise.ablate import (defines, make_variants, markdown_table, plot_metric_vs_batch,
-                              run_ablation)
+from layerwise.ablate import (adapt_spec, defines, make_adaptations, make_variants,
+                              markdown_table, plot_metric_vs_batch, run_ablation)
+from layerwise.cli import main
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -91,3 +93,195 @@ def test_plot_skips_diverged(tmp_path):
              "metric": "accuracy", "value": v} for b, v in ((8, 0.5), (16, None))]
     plot_metric_vs_batch(rows, tmp_path / "m.png")
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG
+
+
+# ---------------------------------------------------------------- the adaptation axis (--adapt)
+HALVE = "adaptation halve\n# half the base's update\nstep {\n  w = w - lr * 0.5 * u\n}\n"
+
+
+def test_adaptations_and_variants(tmp_path):
+    halve = tmp_path / "halve.lw"
+    halve.write_text(HALVE)
+    other = tmp_path / "other" / "halve.lw"            # another file, the same adaptation name
+    other.parent.mkdir()
+    other.write_text(HALVE)
+    ads = make_adaptations(["none", "trust", str(halve), str(other)])
+    assert ads[0] is None and [a.label for a in ads[1:]] == ["trust", "halve", "halve#2"]
+    assert make_adaptations(None) == [None] and make_adaptations([]) == [None]
+    vs = make_variants(["adamw", "sgd"], adaptations=["none", "trust", str(halve)],
+                       base_lrs={"sgd+trust": 0.5, "sgd": 0.1})
+    assert [(v.label, v.adaptation_label, v.name, v.base_lr) for v in vs] == [
+        ("adamw", "none", "adamw", None), ("adamw", "trust", "adamw+trust", None),
+        ("adamw", "halve", "adamw+halve", None), ("sgd", "none", "sgd", 0.1),
+        ("sgd", "trust", "sgd+trust", 0.5), ("sgd", "halve", "sgd+halve", 0.1)]
+    # the trained program is lw.adapt's: its name (so tuned LR and LR rule) is the optimizer's
+    spec = vs[1].train_spec()
+    assert vs[0].train_spec() is vs[0].spec
+    assert spec.name == "adamw" and spec.program.watches == ("tr",)
+    assert "tr = " in spec.to_text() and "0.5 * u" not in spec.to_text()
+    assert "0.5 * u" in vs[2].train_spec().to_text()    # adamw+halve: the file's step
+    # without adaptations, the grid is as before the axis
+    assert [v.name for v in make_variants(["lamb", "sgd"])] == ["lamb", "sgd"]
+    assert all(v.adaptation is None for v in make_variants(["lamb", "sgd"], ["min(z, 1)"]))
+    # phi variants get every adaptation too
+    assert [v.name for v in make_variants(["lamb"], ["min(z, 1)"], adaptations=["none", "trust"])
+            ] == ["lamb", "lamb+trust", "lamb[phi=min(z, 1)]", "lamb[phi=min(z, 1)]+trust"]
+
+
+def test_adapted_program_equals_lw_adapt_of_a_torch_optimizer():
+    """The program an adapted cell trains is AdamW with LAMB's trust ratio: it steps as
+    lw.adapt(torch.optim.AdamW, "trust") does (float64, 4 steps)."""
+    torch.manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 6)]
+    ours = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    spec = make_variants(["adamw"], adaptations=["trust"])[0].train_spec()
+    a = lw.Optimizer(ours, spec, compile=False, lr=0.01)
+    b = lw.adapt(torch.optim.AdamW(ref, lr=0.01, eps=1e-8, weight_decay=0.01), "trust",
+                 compile=False)
+    plain = [p.detach().clone().requires_grad_() for p in ours]
+    c = torch.optim.AdamW(plain, lr=0.01, eps=1e-8, weight_decay=0.01)
+    for _ in range(4):
+        grads = [torch.randn(*s, dtype=torch.float64) for s in shapes]
+        for params, opt in ((ours, a), (ref, b), (plain, c)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for x, y, z in zip(ours, ref, plain):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(x, z)                 # and it is not plain AdamW
+
+
+def test_grid_with_adaptation_axis(tmp_path, capsys):
+    """A real grid, first without --adapt, then with '--adapt none trust' into the same folder:
+    the unadapted cells keep their record names (and results); adapted cells are added."""
+    sizes = [8, 32]
+    plain = run_ablation(tmp_path, make_variants(["adamw", "sgd"]), tasks=["digits"],
+                         batch_sizes=sizes, max_steps=3, jobs=1, progress=False)
+    plain_md = (tmp_path / "results.md").read_text()
+    assert "| optimizer | LR rule | base LR | B=8 (3 steps)" in plain_md   # as before the axis
+    assert "adaptation" not in plain_md
+    assert {r["adaptation"] for r in plain} == {"none"}
+    before = {r["record"]: json.loads((tmp_path / r["record"]).read_text()) for r in plain}
+    assert set(before) == {f"runs/digits_{o}_b{b}.json" for o in ("adamw", "sgd") for b in sizes}
+
+    code = main(["ablate", "--task", "digits", "--optimizer", "adamw", "sgd", "--adapt", "none",
+                 "trust", "--batch-size", "8", "32", "--max-steps", "3", "--jobs", "1",
+                 "--quiet", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "8 runs; wrote" in out
+    with open(tmp_path / "results.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    cells = [(r["optimizer"], r["adaptation"], int(r["batch_size"])) for r in table]
+    assert cells == [(o, a, b) for o in ("adamw", "sgd") for a in ("none", "trust")
+                     for b in sizes]
+    records = {}
+    for r in table:
+        record = json.loads((tmp_path / r["record"]).read_text())
+        records[(r["optimizer"], r["adaptation"], int(r["batch_size"]))] = record
+        name = r["optimizer"] if r["adaptation"] == "none" else f"{r['optimizer']}+trust"
+        assert r["record"] == f"runs/digits_{name}_b{r['batch_size']}.json"
+        assert record["config"]["label"] == name and record["optimizer"]["name"] == r["program"]
+        assert int(r["steps"]) == 3 and r["diverged"] == "False"
+        if r["adaptation"] == "none":
+            assert record["adaptation"] is None
+            # the same key and the same run as the grid without --adapt
+            assert record["loss"] == before[r["record"]]["loss"]
+            assert record["final"] == before[r["record"]]["final"]
+        else:
+            assert record["adaptation"]["name"] == "trust"
+            assert record["adaptation"]["file"].endswith("trust.lw")
+            assert "tr = " in record["optimizer"]["program"]
+    lr = {k: r["lr"] for k, r in ((k, rec["config"]) for k, rec in records.items())}
+    for o in ("adamw", "sgd"):
+        for b in sizes:
+            none, trust = records[(o, "none", b)], records[(o, "trust", b)]
+            assert lr[(o, "trust", b)] == lr[(o, "none", b)]     # the same LR: only adapted
+            assert none["loss"][0] == trust["loss"][0]           # the same model and batch
+            assert none["loss"][1:] != trust["loss"][1:]         # ... then another optimizer
+            tr = trust["trust_ratios"]["values"]["tr"]
+            assert tr and all(len(xs) == 3 and all(x > 0 for x in xs) for xs in tr.values())
+            assert not any(none["trust_ratios"]["values"].values())
+    md = (tmp_path / "results.md").read_text()
+    assert md in out
+    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    assert lines[0].startswith("| optimizer | adaptation | LR rule | base LR | B=8 (3 steps) |")
+    assert [tuple(c.strip() for c in l.strip("|").split("|")[:3]) for l in lines[2:]] == [
+        ("adamw", "none", "sqrt"), ("adamw", "trust", "sqrt"),
+        ("sgd", "none", "linear"), ("sgd", "trust", "linear")]
+    for name in ("metric_vs_batch.png", "trust_ratios_digits.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_tables_of_rows_without_adaptation_still_load():
+    """Rows written before the adaptation axis (no 'adaptation' key) count as 'none'."""
+    def row(opt, b, value, **extra):
+        return {"task": "digits", "optimizer": opt, "program": opt, "batch_size": b,
+                "epochs": 1, "steps": 3, "lr": 0.1, "base_lr": 0.1, "lr_rule": "linear",
+                "warmup_steps": 1, "metric": "accuracy", "value": value, "val_loss": 1.0,
+                "diverged": False, "train_time_s": 1.0, "record": "x.json", **extra}
+    old = [row("sgd", 8, 0.5), row("sgd", 16, 0.6)]
+    assert markdown_table(old) == markdown_table([dict(r, adaptation="none") for r in old])
+    mixed = old + [row("sgd", 8, 0.7, adaptation="trust"), row("sgd", 16, 0.4,
+                                                               adaptation="trust")]
+    md = markdown_table(mixed)
+    assert "| sgd | none | linear | 0.1 | 50.0 (1.000) | **60.0 (1.000)** |" in md
+    assert "| sgd | trust | linear | 0.1 | **70.0 (1.000)** | 40.0 (1.000) |" in md
+
+
+# an optimizer that watches a 'tr' of its own (as lars does): trust cannot be applied to it
+WATCHER = ("optimizer sgd_tr\nhyper lr = 0.1 in [0, inf)\nwatch tr\n"
+           "step {\n  tr = norm(w)\n  w = w - lr * g\n}\n")
+
+BAD_ADAPT = {   # --adapt (and related) values -> a phrase of the one-line error
+    "unknown name": (["--adapt", "none", "trsut"],
+                     "--adapt 'trsut' is neither 'none', an adaptation preset (trust"),
+    "optimizer preset": (["--adapt", "lamb"],
+                         "--adapt 'lamb': 'lamb' is an optimizer, not an adaptation"),
+    "optimizer file": (["--adapt", "trust", "{opt}"],
+                       "'my_sgd' is an optimizer, not an adaptation"),
+    "bad adaptation file": (["--adapt", "{bad}"], "bad_adapt.lw:3:16: unknown name 'uu'"),
+    "given twice": (["--adapt", "trust", "none", "trust"], "--adapt 'trust' is given twice"),
+    "clash": (["--optimizer", "adamw", "{watcher}", "--adapt", "none", "trust"],
+              "--adapt trust cannot be applied to sgd_tr: watched name 'tr'"),
+    "adaptation as optimizer": (["--optimizer", "trust"],
+                                ("'trust' is an adaptation, not an optimizer: give it with "
+                                 "--adapt trust")),
+    "base LR of no cell": (["--adapt", "trust", "--base-lr", "adamw=0.1", "sgd+trust=1"],
+                           "--base-lr names no optimizer of the grid: sgd+trust"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPT))
+def test_bad_adapt_is_one_line_before_anything_runs(case, capsys, tmp_path):
+    (tmp_path / "my_sgd.lw").write_text("optimizer my_sgd extends sgd\n")
+    (tmp_path / "bad_adapt.lw").write_text("adaptation bad\nstep {\n  w = w - lr * uu\n}\n")
+    (tmp_path / "sgd_tr.lw").write_text(WATCHER)
+    args, phrase = BAD_ADAPT[case]
+    if "--optimizer" not in args:
+        args = ["--optimizer", "adamw", *args]
+    args = [a.replace("{opt}", str(tmp_path / "my_sgd.lw"))
+            .replace("{bad}", str(tmp_path / "bad_adapt.lw"))
+            .replace("{watcher}", str(tmp_path / "sgd_tr.lw")) for a in args]
+    code = main(["ablate", "--task", "digits", "--batch-size", "8", "--max-steps", "1",
+                 "--jobs", "1", "--quiet", "--out", str(tmp_path / "a"), *args])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1, err
+    assert phrase in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()               # nothing ran, nothing written
+
+
+def test_bad_adapt_from_python():
+    """The same checks from Python (make_adaptations, make_variants, adapt_spec)."""
+    with pytest.raises(ValueError, match="'lamb' is an optimizer, not an adaptation"):
+        make_adaptations(["lamb"])
+    with pytest.raises(ValueError, match="'nope' is neither 'none'"):
+        make_variants(["adamw"], adaptations=["nope"])
+    watcher = lw.parse(WATCHER, "sgd_tr.lw")
+    with pytest.raises(ValueError, match="--adapt trust cannot be applied to sgd_tr: watched "
+                                         "name 'tr' of adaptation 'trust' is also"):
+        make_variants([watcher, "adamw"], adaptations=["none", "trust"])
+    with pytest.raises(lw.SpecError, match="watched name 'tr'"):
+        adapt_spec(watcher, "trust")
