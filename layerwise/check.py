@@ -2,8 +2,10 @@
 
 ``check_program`` takes a parsed program, resolves ``extends`` (via
 ``layerwise.extends``), inlines every ``def`` call, resolves every name,
-infers each expression's kind (const < global < layer < elem, LANGUAGE.md
-section 5) and enforces sections 3 to 7. It collects independent problems
+infers each expression's kind (const < global < layer < row, col < elem,
+LANGUAGE.md sections 5 and 10) and enforces sections 3 to 7 and 10 to 12.
+A reduction's unit (``norm(x, row)``) stays its last argument, a
+:class:`~layerwise.syntax.Name` of kind ``"unit"``. It collects independent problems
 and raises them together in one :class:`~layerwise.errors.SpecError`.
 
 The result, :class:`CheckedProgram`, holds only hypers, states, rules,
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Sequence
 
-from .builtins import BUILTINS, PREDICATE_NAMES, RULE_NAMES, widest
+from .builtins import (BUILTINS, PARAM_NAMES, PREDICATE_NAMES, RULE_NAMES, UNITS, narrower,
+                       widest)
 from .errors import Problem, Span, SpecError, suggest
 from .extends import Declarations, collect
 from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary, children,
@@ -126,6 +129,17 @@ class CheckedProgram:
         body = "".join(f"  {a.target} = {format_expr(a.value)}\n" for a in self.step)
         out.append(f"step {{\n{body}}}")
         return "\n".join(out) + "\n"
+
+
+#: What one value of each kind is, for messages.
+_PER = {"elem": "one per element", "layer": "one number per parameter", "row": "one per row",
+        "col": "one per column", "global": "one number for all parameters",
+        "const": "one number"}
+
+
+def _kind_of(kind: str) -> str:
+    """``"row-kind (one per row)"``: a kind as messages name it."""
+    return f"{kind}-kind ({_PER[kind]})"
 
 
 def _mentions(e: Expr, name: str) -> bool:
@@ -286,17 +300,24 @@ class _Checker:
                                         f"got {len(node.args)} (in def '{d.name}')")
 
     # ------------------------------------------------------------ states
+    def param_names(self) -> dict[str, str]:
+        """``rows``, ``cols``, ``ndim`` (layer-kind), unless the program
+        declares a hyper, state or def of that name (section 10)."""
+        d = self.d
+        return {n: "layer" for n in PARAM_NAMES
+                if n not in d.hypers and n not in d.states and n not in d.defs}
+
     def check_states(self) -> tuple[State, ...]:
-        env = {"w": "elem", **{h: "const" for h in self.d.hypers}}
+        env = {"w": "elem", **self.param_names(), **{h: "const" for h in self.d.hypers}}
         out = []
         for s in self.d.states.values():
             scope = _Scope("init", env)
             init = self.expr(s.init, scope)
             if init is None:
                 continue
-            if s.layer and init.kind == "elem":
-                self.bad(s.init.span, f"layer state '{s.name}' holds one number per parameter; "
-                                      "its initial value is elem-kind (one per element)")
+            if not narrower(init.kind, s.kind):
+                self.bad(s.init.span, f"{s.kind} state '{s.name}' holds {_PER[s.kind]}; its "
+                                      f"initial value is {_kind_of(init.kind)}")
             out.append(State(s.name, s.layer, init, s.span, s.unit))
         return tuple(out)
 
@@ -404,10 +425,10 @@ class _Checker:
         if d.step is None:
             self.bad(d.name_span, f"optimizer '{d.name}' has no step block")
             return (), {}
-        env = {"w": "elem", "g": "elem", "t": "const",
+        env = {"w": "elem", "g": "elem", "t": "const", **self.param_names(),
                **({"u": "elem", "lr": "const"} if self.adaptation else {}),
                **{h: "const" for h in d.hypers},
-               **{s.name: ("layer" if s.layer else "elem") for s in d.states.values()}}
+               **{s.name: s.kind for s in d.states.values()}}
         # an adaptation's u is computed in the step (a global reduction cannot read it)
         fresh: set[str] = {"u"} if self.adaptation else set()
         out = []
@@ -423,10 +444,11 @@ class _Checker:
                 fresh.add(a.target)
                 continue
             state = d.states.get(a.target)
-            if state is not None and state.layer and value.kind == "elem":
-                self.bad(a.value.span, f"layer state '{a.target}' holds one number per "
-                                       "parameter; this value is elem-kind (one per element): "
-                                       "reduce it first, e.g. with mean() or norm()")
+            if state is not None and not narrower(value.kind, state.kind):
+                self.bad(a.value.span, f"{state.kind} state '{a.target}' holds "
+                                       f"{_PER[state.kind]}; this value is "
+                                       f"{_kind_of(value.kind)}" + _reduce_hint(state.kind,
+                                                                                value.kind))
                 continue
             if state is None and a.target != "g" and a.target != "w":
                 env[a.target] = value.kind
@@ -443,6 +465,8 @@ class _Checker:
         name = a.target
         if name == "t":
             self.bad(a.span, "'t' (the step count) is read-only")
+        elif name in self.param_names():
+            self.bad(a.span, f"'{name}' (the parameter's {_PARAM_WORDS[name]}) is read-only")
         elif self.adaptation and name in ("u", "lr"):
             self.bad(a.span, f"'{name}' is read-only in an adaptation (it is "
                              + ("the base's update per unit of learning rate" if name == "u"
@@ -467,9 +491,9 @@ class _Checker:
                 self.bad(n.span, f"cannot watch unknown name '{n.id}'" + suggest(n.id, env))
             elif env[n.id] is None:
                 continue  # its assignment is already reported
-            elif env[n.id] == "elem":
-                self.bad(n.span, f"cannot watch '{n.id}': it is elem-kind (one value per "
-                                 "element); watch a layer value such as norm(...)")
+            elif not narrower(env[n.id], "layer"):
+                self.bad(n.span, f"cannot watch '{n.id}': it is {_kind_of(env[n.id])}; "
+                                 "watch a layer value such as norm(...)")
             else:
                 out.append(n.id)
         return tuple(out)
@@ -550,9 +574,11 @@ class _Checker:
             known = [*BUILTINS, *self.d.defs]
             self.bad(e.span, f"unknown function '{e.func}'" + suggest(e.func, known), sc)
             return None
-        if len(e.args) != b.arity:
-            self.bad(e.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)}, "
-                             f"got {len(e.args)}", sc)
+        unit = _unit_arg(e) if b.category == "layer" and len(e.args) == b.arity + 1 else None
+        if len(e.args) != b.arity and unit is None:
+            more = " and an optional unit (row or col)" if b.category == "layer" else ""
+            self.bad(e.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)}"
+                             f"{more}, got {len(e.args)}", sc)
             return None
         if sc.context == "rule" and b.category != "elementwise":
             self.bad(e.span, f"a for rule's value is one number per parameter; it cannot call "
@@ -561,16 +587,27 @@ class _Checker:
             return None
         if b.category == "global":
             return self.global_call(e, sc)
-        args = [self.expr(a, sc) for a in e.args]
+        operands = e.args[:-1] if unit is not None else e.args
+        args = [self.expr(a, sc) for a in operands]
         if any(a is None for a in args):
             return None
+        kind = widest(*(a.kind for a in args))
         if b.category == "elementwise":
-            return replace(e, args=tuple(args), kind=widest(*(a.kind for a in args)))
-        if widest(*(a.kind for a in args)) != "elem":
-            self.bad(e.span, f"{e.func}() reduces over the elements of one parameter; its "
-                             f"argument is {widest(*(a.kind for a in args))}-kind, not elem", sc)
+            return replace(e, args=tuple(args), kind=kind)
+        if unit is None:
+            if kind not in ("row", "col", "elem"):
+                self.bad(e.span, f"{e.func}() reduces over the elements of one parameter; its "
+                                 f"argument is {kind}-kind, not elem, row or col", sc)
+                return None
+            return replace(e, args=tuple(args), kind="layer")
+        if kind != "elem":
+            hint = (f"; reduce it without a unit, {e.func}(...), for one number per parameter"
+                    if kind in UNITS else "")
+            self.bad(e.span, f"{e.func}(..., {unit.id}) reduces each {_UNIT_WORDS[unit.id]} of "
+                             f"an elem value; its argument is {_kind_of(kind)}{hint}", sc)
             return None
-        return replace(e, args=tuple(args), kind="layer")
+        kind = "layer" if e.func == "numel" else unit.id
+        return replace(e, args=(*args, replace(unit, kind="unit")), kind=kind)
 
     def global_call(self, e: Call, sc: _Scope) -> Expr | None:
         if sc.context != "step":
@@ -583,9 +620,9 @@ class _Checker:
         arg = self.expr(e.args[0], inner)
         if arg is None:
             return None
-        if arg.kind not in ("layer", "elem"):
+        if arg.kind not in ("layer", "row", "col", "elem"):
             self.bad(e.span, f"{e.func}() reduces over all parameters; its argument must be "
-                             f"layer- or elem-kind, not {arg.kind}", sc)
+                             f"layer-, row-, col- or elem-kind, not {arg.kind}", sc)
             return None
         return replace(e, args=(arg,), kind="global")
 
@@ -606,6 +643,25 @@ class _Checker:
                         call_line=e.span.line if not sc.stack else sc.call_line,
                         call_file=e.span.filename if not sc.stack else sc.call_file)
         return self.expr(d.body, inner)
+
+
+_UNIT_WORDS = {"row": "row", "col": "column"}
+_PARAM_WORDS = {"rows": "number of rows", "cols": "number of columns",
+                "ndim": "number of dimensions"}
+
+
+def _unit_arg(e: Call) -> Name | None:
+    """The unit (``row`` / ``col``) ending a reduction's arguments, or None."""
+    last = e.args[-1] if e.args else None
+    return last if isinstance(last, Name) and last.id in UNITS else None
+
+
+def _reduce_hint(target: str, kind: str) -> str:
+    if target == "layer":
+        return ": reduce it first, e.g. with mean() or norm()"
+    if target in UNITS and kind == "elem":
+        return f": reduce it first, e.g. with mean(..., {target})"
+    return ""
 
 
 def _is_name_and_string(e: Binary) -> bool:

@@ -17,8 +17,20 @@ step; the consts graphs once per step for each distinct (hyper values, t):
 ``update`` ``(w, g, t, numel, *hypers, *states, *consts) ->
            (new w, *new values of the assigned states, *watched values)``.
 
-An adaptation program's step graphs also take ``u`` (the base's update per
+An adaptation's step graphs also take ``u`` (the base's update per
 unit of learning rate) after ``g``; its first hyper is ``lr``.
+
+Units (LANGUAGE.md section 10): a program with row or col values (or that
+reads ``rows``, ``cols`` or ``ndim``) also takes those three 0-d inputs
+after ``numel`` (:attr:`Lowered.param_inputs`; the parameter's numbers
+after its ``row_block``). In a program with row or col values, elem values
+are ``(rows, cols)`` matrices, row values ``(rows, 1)``, col values
+``(1, cols)``, and row and col states are inputs and outputs of those
+shapes (``layerwise.ops``). Reductions along a unit are ``ops.row_sum``,
+``ops.col_sum``, ``ops.row_max_abs`` and ``ops.col_max_abs`` (``norm(x,
+row)`` is ``sqrt(row_sum(x * x))``, ``mean(x, row)`` is ``row_sum(x) /
+cols``); a layer reduction of a row value is an ordinary one (``mean``
+divides by ``rows``), of a col value ``ops.col_total`` / ``ops.col_max``.
 
 Loop-invariant code motion: every const- or global-kind subexpression that
 is more than a name or a number (``1 - beta1^t``, ``max_grad_norm /
@@ -48,10 +60,11 @@ import torch
 import torch.fx as fx
 
 from . import ops
+from .builtins import PARAM_NAMES, widest
 from .check import CheckedProgram
 from .syntax import Binary, Call, Expr, Name, Num, Unary, children
 
-__all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals", "fresh_name"]
+__all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals", "fresh_name", "uses_units"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,12 @@ class Lowered:
     reduce_const_names: tuple[str, ...] = ()
     update_const_names: tuple[str, ...] = ()
     global_names: tuple[str, ...] = ()
+    #: each state's kind: "elem", "layer", "row" or "col"
+    state_kinds: tuple[str, ...] = ()
+    #: (placeholder name, "rows" | "cols" | "ndim") of the parameter's numbers
+    param_inputs: tuple[tuple[str, str], ...] = ()
+    #: whether the program has row or col values (the unit layout of the runtime)
+    units: bool = False
 
     def graphs(self) -> list[tuple[str, fx.GraphModule]]:
         """``(title, graph module)`` for every graph, in execution order."""
@@ -146,6 +165,7 @@ class _Builder:
         self.last_placeholder = list(self.env.values())[-1]
         self.ref = self.env["w"] if "w" in self.env else self.env["t"]
         self.numel = self.env.get("numel")
+        self.rows = self.cols = None       # the parameter's numbers (units)
         self.memo: dict[Expr, tuple[fx.Node | float, frozenset[str]]] = {}
         self.global_nodes: dict[GlobalReduction, fx.Node] = {}
         self.hoist = hoist
@@ -234,7 +254,8 @@ class _Builder:
         f = e.func
         if f in ("global_norm", "global_sum"):
             return self.global_nodes[GlobalReduction(f, e.args[0])]
-        args = [self.expr(a) for a in e.args]
+        args = [self.expr(a) for a in e.args
+                if not (isinstance(a, Name) and a.kind == "unit")]
         const = all(isinstance(a, float) for a in args)
         if f in _UNARY:
             np_fn, torch_fn = _UNARY[f]
@@ -255,26 +276,80 @@ class _Builder:
                 # kind of the whole where(): elem, when the branch is narrower,
                 # means the branch's value broadcast to the parameter's shape.
                 i = 1 if args[0] != 0 else 2
-                if e.kind == "elem" and e.args[i].kind != "elem":
-                    return self.call(ops.fill_like, args[i], self.ref)
+                if e.kind != e.args[i].kind and e.kind in _FILL:
+                    return self.call(_FILL[e.kind], args[i], self.ref)
                 return args[i]
             return self.call(ops.where, *args, self.ref)
-        # Layer reductions: the checker guarantees an elem-kind argument.
+        # Layer reductions: the checker guarantees an elem-, row- or col-kind argument.
+        return self._reduction(e, args)
+
+    def _reduction(self, e: Call, args: list):
+        f = e.func
+        operands = e.args
+        if operands and isinstance(operands[-1], Name) and operands[-1].kind == "unit":
+            return self._along(f, operands[-1].id, args)
+        kind = widest(*(a.kind for a in operands))
+        if kind == "col":
+            return self._col_reduction(f, args)
+        count = self.rows if kind == "row" else self.numel
         if f == "norm":
             return self.call(ops.norm, args[0])
         if f == "sum":
             return self.call(torch.sum, args[0])
         if f == "mean":
-            return self.call(ops.mean, args[0], self.numel)
+            return self.call(ops.mean, args[0], count)
         if f == "rms":
-            return self.call(ops.rms, args[0], self.numel)
+            return self.call(ops.rms, args[0], count)
         if f == "max_abs":
             return self.call(ops.max_abs, args[0])
         if f == "dot":
             return self.call(ops.dot, *args)
         if f == "numel":
-            return self.numel
+            return count
         raise AssertionError(f"unknown built-in {f!r} should not reach lowering")
+
+    def _along(self, f: str, unit: str, args: list):
+        """A reduction along each row or column of an elem value (section 10)."""
+        if f == "numel":
+            return self.cols if unit == "row" else self.rows
+        total = ops.row_sum if unit == "row" else ops.col_sum
+        count = self.cols if unit == "row" else self.rows
+        x = args[0]
+        if f == "max_abs":
+            return self.call(ops.row_max_abs if unit == "row" else ops.col_max_abs, x)
+        if f == "sum":
+            return self.call(total, x)
+        if f == "dot":
+            return self.call(total, self.call(operator.mul, x, args[1]))
+        squares = self.call(total, self.call(operator.mul, x, x))
+        if f == "norm":
+            return self.call(torch.sqrt, squares)
+        if f == "mean":
+            return self.call(operator.truediv, self.call(total, x), count)
+        if f == "rms":
+            return self.call(torch.sqrt, self.call(operator.truediv, squares, count))
+        raise AssertionError(f"unknown reduction {f!r} should not reach lowering")
+
+    def _col_reduction(self, f: str, args: list):
+        """A layer reduction of a col value: the runtime holds col values whole
+        on every rank, so this is not a reduction over the parameter's elements."""
+        x = args[0]
+        if f == "max_abs":
+            return self.call(ops.col_max, x, self.cols)
+        if f == "numel":
+            return self.cols
+        if f == "sum":
+            return self.call(ops.col_total, x, self.cols)
+        if f == "dot":
+            return self.call(ops.col_total, self.call(operator.mul, x, args[1]), self.cols)
+        squares = self.call(ops.col_total, self.call(operator.mul, x, x), self.cols)
+        if f == "norm":
+            return self.call(torch.sqrt, squares)
+        if f == "mean":
+            return self.call(operator.truediv, self.call(ops.col_total, x, self.cols), self.cols)
+        if f == "rms":
+            return self.call(torch.sqrt, self.call(operator.truediv, squares, self.cols))
+        raise AssertionError(f"unknown reduction {f!r} should not reach lowering")
 
     # outputs
     def elem(self, value) -> fx.Node:
@@ -282,6 +357,16 @@ class _Builder:
         if isinstance(value, float) or value.meta.get("kind", "elem") != "elem":
             return self.call(ops.fill_like, value, self.ref)
         return self.fresh(value)
+
+    def unit(self, value, kind: str) -> fx.Node:
+        """A fresh row or col value (``kind``) for a ``value`` of that kind or narrower."""
+        return self.call(_FILL[kind], value, self.ref)
+
+    def out(self, value, kind: str) -> fx.Node:
+        """A fresh output of ``kind`` (a state's) for ``value``."""
+        if kind == "layer":
+            return self.layer(value)
+        return self.elem(value) if kind == "elem" else self.unit(value, kind)
 
     def layer(self, value) -> fx.Node:
         """A fresh 0-d tensor for a non-elem ``value``."""
@@ -297,6 +382,47 @@ class _Builder:
         self.graph.eliminate_dead_code()
         self.graph.lint()
         return fx.GraphModule(torch.nn.Module(), self.graph, class_name=name)
+
+
+#: Broadcast a narrower value to a row, col or elem value.
+_FILL = {"row": ops.row_fill, "col": ops.col_fill, "elem": ops.fill_like}
+
+
+def _walk(e: Expr):
+    yield e
+    for c in children(e):
+        yield from _walk(c)
+
+
+def uses_units(program: CheckedProgram) -> bool:
+    """Whether ``program`` has row or col values (states, reductions along a unit)."""
+    if any(s.kind in ("row", "col") for s in program.states):
+        return True
+    exprs = [s.init for s in program.states] + [a.value for a in program.step]
+    return any(n.kind in ("row", "col", "unit") for e in exprs for n in _walk(e))
+
+
+def _param_inputs(program: CheckedProgram, units: bool,
+                  taken: set[str]) -> tuple[tuple[str, str], ...]:
+    """Placeholders for ``rows``, ``cols``, ``ndim`` if the program needs them."""
+    declared = {*program.hyper_names, *(s.name for s in program.states)}
+    exprs = [s.init for s in program.states] + [a.value for a in program.step]
+    named = any(isinstance(n, Name) and n.id in PARAM_NAMES and n.id not in declared
+                for e in exprs for n in _walk(e))
+    if not (units or named):
+        return ()
+    return tuple((fresh_name(n, taken), n) for n in PARAM_NAMES)
+
+
+def _bind_params(b: "_Builder", params: tuple[tuple[str, str], ...], declared: set[str]) -> None:
+    for ph, n in params:
+        node = b.env[ph]
+        if n == "rows":
+            b.rows = node
+        elif n == "cols":
+            b.cols = node
+        if n not in declared:
+            b.env[n] = node
 
 
 def _mark(value, kind: str):
@@ -329,29 +455,39 @@ def lower(program: CheckedProgram) -> Lowered:
     layer_states = tuple(s.layer for s in program.states)
     kinds = {s.name: s.kind for s in program.states}
     globals_ = _globals(program)
+    units = uses_units(program)
+    # an adaptation's step also reads u, the base's update (LANGUAGE.md section 12)
+    elem_inputs = ["w", "g", "u"] if program.kind == "adaptation" else ["w", "g"]
+    declared = {*hypers, *states}
+    params = _param_inputs(program, units,
+                           {*elem_inputs, "t", "numel", *declared})
+    phs = [ph for ph, _ in params]
 
-    # init: (w, numel, *hypers) -> state initial values
-    b = _Builder(["w", "numel", *hypers])
+    # init: (w, numel, *params, *hypers) -> state initial values
+    b = _Builder(["w", "numel", *phs, *hypers])
+    _bind_params(b, params, declared)
     _mark(b.ref, "elem")
     outs = []
     for s in program.states:
         v = _mark(b.expr(s.init), s.init.kind)
-        outs.append(b.layer(v) if s.layer else b.elem(v))
+        outs.append(b.out(v, s.kind))
     init = b.finish(outs, f"{program.name}_init")
 
-    # an adaptation's step also reads u, the base's update (LANGUAGE.md section 12)
-    elem_inputs = ["w", "g", "u"] if program.kind == "adaptation" else ["w", "g"]
-    step_inputs = [*elem_inputs, "t", "numel", *hypers, *states]
+    step_inputs = [*elem_inputs, "t", "numel", *phs, *hypers, *states]
     reduce_consts = reduce = None
     reduce_const_names: tuple[str, ...] = ()
     if globals_:
         hoist = _Builder(["t", *hypers])
         b = _Builder(step_inputs, hoist)
+        _bind_params(b, params, declared)
         _mark_inputs(b, kinds)
         outs = []
         for gr in globals_:
             x = _mark(b.expr(gr.arg), gr.arg.kind)
-            if gr.arg.kind == "elem":
+            if gr.arg.kind == "col":
+                part = b.call(ops.col_total, b.call(operator.mul, x, x)
+                              if gr.func == "global_norm" else x, b.cols)
+            elif gr.arg.kind in ("elem", "row"):
                 part = b.call(torch.sum, b.call(operator.mul, x, x) if gr.func == "global_norm"
                               else x)
             else:
@@ -368,12 +504,13 @@ def lower(program: CheckedProgram) -> Lowered:
     for name, gr in zip(global_names, globals_):
         hoist.global_nodes[gr] = _mark(hoist.env[name], "global")
     b = _Builder(step_inputs, hoist)
+    _bind_params(b, params, declared)
     _mark_inputs(b, kinds)
     assigned: list[str] = []
     for a in program.step:
         v = _mark(b.expr(a.value), a.value.kind)
         if a.target in kinds:
-            v = b.layer(v) if kinds[a.target] == "layer" else b.elem(v)
+            v = b.out(v, kinds[a.target])
             if a.target not in assigned:
                 assigned.append(a.target)
         elif a.target == "w":
@@ -386,10 +523,12 @@ def lower(program: CheckedProgram) -> Lowered:
     return Lowered(program, hypers, states, layer_states, tuple(assigned), program.watches,
                    globals_, init, reduce_consts, reduce, update_consts, update,
                    reduce_const_names, tuple(n.target for n in b.const_nodes),
-                   tuple(global_names))
+                   tuple(global_names), tuple(kinds[s] for s in states), params, units)
 
 
 def _mark_inputs(b: _Builder, state_kinds: dict[str, str]) -> None:
     for name, node in b.env.items():
         kind = "elem" if name in ("w", "g", "u") else state_kinds.get(name, "const")
+        if node is b.rows or node is b.cols or name in PARAM_NAMES:
+            kind = "layer"
         _mark(node, kind)

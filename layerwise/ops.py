@@ -15,6 +15,15 @@ These functions are the call targets of the lowered ``torch.fx`` graphs
   the constant folding of ``layerwise.lower``, not 0 as ``torch.sign``).
 * Reductions of an empty parameter: ``norm``, ``sum``, ``dot``,
   ``max_abs`` give 0; ``mean`` and ``rms`` give NaN (0 / 0).
+
+Units (LANGUAGE.md section 10): in a program with row or col values, an
+elem value is the parameter seen as its ``(rows, cols)`` matrix, a row
+value is ``(rows, 1)`` and a col value ``(1, cols)``, so that arithmetic
+broadcasts (a row value times a col value is their outer product). The
+reductions along a unit (:func:`row_sum`, :func:`col_sum`,
+:func:`row_max_abs`, :func:`col_max_abs`) keep that shape; a layer
+reduction of a col value uses :func:`col_total` / :func:`col_max`, so that
+the runtime knows it reads a value every rank holds whole.
 """
 from __future__ import annotations
 
@@ -25,7 +34,8 @@ import torch
 __all__ = [
     "as_tensor", "compare", "logical_and", "logical_or", "logical_not", "where",
     "minimum", "maximum", "clip", "rsqrt", "sign", "norm", "sumsq", "dot", "max_abs", "mean", "rms",
-    "fill_like", "scalar",
+    "fill_like", "scalar", "row_sum", "col_sum", "row_max_abs", "col_max_abs", "col_total",
+    "col_max", "row_fill", "col_fill",
 ]
 
 _COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
@@ -136,3 +146,49 @@ def fill_like(value, ref: torch.Tensor) -> torch.Tensor:
 def scalar(value: float, ref: torch.Tensor) -> torch.Tensor:
     """A new 0-d tensor holding ``value`` in ``ref``'s dtype."""
     return torch.tensor(value, dtype=ref.dtype, device=ref.device)
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols) -> (rows, 1)``: the sum of each row."""
+    return torch.sum(x, 1, keepdim=True)
+
+
+def col_sum(x: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols) -> (1, cols)``: the sum of each column."""
+    return torch.sum(x, 0, keepdim=True)
+
+
+def row_max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols) -> (rows, 1)``: the largest absolute value of each row
+    (0 for a row without elements; NaN propagates)."""
+    if x.shape[1] == 0:
+        return x.new_zeros((x.shape[0], 1))
+    return torch.amax(torch.abs(x), 1, keepdim=True)
+
+
+def col_max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols) -> (1, cols)``: the largest absolute value of each column."""
+    if x.shape[0] == 0:
+        return x.new_zeros((1, x.shape[1]))
+    return torch.amax(torch.abs(x), 0, keepdim=True)
+
+
+def col_total(x: torch.Tensor, cols) -> torch.Tensor:
+    """Sum of a col value ``(1, cols)`` (``cols``: the parameter's, 0-d)."""
+    return torch.sum(x)
+
+
+def col_max(x: torch.Tensor, cols) -> torch.Tensor:
+    """Largest absolute value of a col value ``(1, cols)`` (0 if empty)."""
+    return max_abs(x)
+
+
+def row_fill(value, ref: torch.Tensor) -> torch.Tensor:
+    """A new row value ``(ref.shape[0], 1)`` holding ``value`` (a float, a
+    0-d tensor or a row value), in ``ref``'s dtype."""
+    return torch.zeros((ref.shape[0], 1), dtype=ref.dtype, device=ref.device) + value
+
+
+def col_fill(value, ref: torch.Tensor) -> torch.Tensor:
+    """A new col value ``(1, ref.shape[1])`` holding ``value``, in ``ref``'s dtype."""
+    return torch.zeros((1, ref.shape[1]), dtype=ref.dtype, device=ref.device) + value

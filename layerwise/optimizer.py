@@ -17,7 +17,7 @@ import torch
 from .rules import ParamInfo, hyper_values, matching_rules, param_info, row_block
 from .runtime.buckets import BucketSet
 from .runtime.distributed import Combiner
-from .runtime.layout import compute_dtype
+from .runtime.layout import compute_dtype, unit_shape
 from .runtime.runner import Runner, runner_for
 from .runtime.validate import check_param, check_state_entry
 from .spec import Spec, load
@@ -101,9 +101,10 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"'{self.program.name}' is an adaptation, not an optimizer: apply "
                              f"it to one with lw.adapt(optimizer, '{self.program.name}'), or "
                              f"with 'adapt {self.program.name}' in a program")
-        self._buckets = BucketSet(lowered.state_names, lowered.layer_states,
+        self._buckets = BucketSet(lowered.state_names, lowered.state_kinds,
                                   self.program.hyper_names, self._runner.chunk,
-                                  ("u",) if self.program.kind == "adaptation" else ())
+                                  ("u",) if self.program.kind == "adaptation" else (),
+                                  lowered.units)
         self._rules: list[list[ParamRules]] = []
         self._hyper_cache: tuple[tuple, dict] = ((), {})
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
@@ -254,7 +255,9 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     def _env(self, b, t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        env = {"numel": b.NUMEL, **dict(zip(self.program.hyper_names, b.H)), **b.L}
+        numbers = {"rows": b.ROWS, "cols": b.COLS, "ndim": b.NDIM}
+        env = {"numel": b.NUMEL, **dict(zip(self.program.hyper_names, b.H)), **b.L, **b.CS,
+               **{ph: numbers[n] for ph, n in self._runner.lowered.param_inputs}}
         if t is not None:
             env["t"] = t
         return env
@@ -296,11 +299,15 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(f"param group {gi}: {k}={group[k]!r} is outside its range "
                                      f"{h.range}")
 
-    def _check_entries(self, p: torch.Tensor, entries: dict, where: str) -> None:
+    def _check_entries(self, p: torch.Tensor, entries: dict, where: str,
+                       rules: ParamRules) -> None:
         """A state dict for ``p`` (loaded, or assigned by the user) must have
-        exactly this program's keys, each fitting (``validate.check_state_entry``)."""
+        exactly this program's keys, each fitting (``validate.check_state_entry``;
+        row and col states one number per row or column after ``rules``'
+        ``row_block``)."""
         lowered = self._runner.lowered
-        kinds = dict(zip(lowered.state_names, lowered.layer_states))
+        kinds = dict(zip(lowered.state_names, lowered.state_kinds))
+        rows, cols = unit_shape(p.shape, rules.row_block)
         expected = {"step", *kinds}
         unknown = sorted(set(entries) - expected)
         missing = sorted(expected - set(entries))
@@ -312,7 +319,8 @@ class Optimizer(torch.optim.Optimizer):
                              + (f"no {', '.join(map(repr, missing))}" if missing else "")
                              + f"; this program's state is: {', '.join(sorted(expected))}")
         for k, v in entries.items():
-            check_state_entry(p, k, v, None if k == "step" else kinds[k], where)
+            kind = None if k == "step" else kinds[k]
+            check_state_entry(p, k, v, kind, where, (rows,) if kind == "row" else (cols,))
 
     # ---------------------------------------------------------------- watched
     @property
@@ -360,10 +368,11 @@ class Optimizer(torch.optim.Optimizer):
         if len(saved) != len(mine):
             raise ValueError(f"the state dict has {len(saved)} parameters, this optimizer "
                              f"{len(mine)}")
+        where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
         for index, (sid, p) in enumerate(zip(saved, mine)):
             entry = state_dict["state"].get(sid)
             if entry:
-                self._check_entries(p, entry, str(index))
+                self._check_entries(p, entry, str(index), self._rules_of(*where[index], p))
         for gi, group in enumerate(state_dict["param_groups"]):
             missing = [k for k in self.program.hyper_names if k not in group]
             if missing:

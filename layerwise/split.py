@@ -47,12 +47,19 @@ from .lower import fresh_name
 __all__ = ["Level", "SplitGraph", "EarlySplit", "split_graph", "split_early", "REDUCTIONS",
            "COMBINE", "PARTIALS"]
 
-#: Call targets that reduce over one parameter's elements (layer reductions).
-REDUCTIONS = frozenset({ops.norm, torch.sum, ops.mean, ops.rms, ops.max_abs, ops.dot})
+#: Call targets that reduce over one parameter's elements (layer reductions,
+#: and the reductions along rows or columns of LANGUAGE.md section 10).
+REDUCTIONS = frozenset({ops.norm, torch.sum, ops.mean, ops.rms, ops.max_abs, ops.dot,
+                        ops.row_sum, ops.row_max_abs, ops.col_sum, ops.col_max_abs})
 
 #: How the partials of each reduction combine across shards.
 COMBINE = {ops.norm: "sum", torch.sum: "sum", ops.mean: "sum", ops.rms: "sum",
-           ops.dot: "sum", ops.max_abs: "max"}
+           ops.dot: "sum", ops.max_abs: "max", ops.row_sum: "sum", ops.row_max_abs: "max",
+           ops.col_sum: "sum", ops.col_max_abs: "max"}
+
+#: The space of each reduction's partial: one per parameter ("seg"), per row
+#: or per column (a reduction along a unit is its own partial).
+SPACE = {ops.row_sum: "row", ops.row_max_abs: "row", ops.col_sum: "col", ops.col_max_abs: "col"}
 
 #: The partial a level pass returns in place of each reduction.
 _PARTIAL = {ops.norm: ops.sumsq, ops.rms: ops.sumsq, ops.mean: torch.sum}
@@ -78,6 +85,7 @@ class SplitGraph:
     levels: list[Level]
     final: fx.GraphModule
     combine: list[str]
+    spaces: list[str]
 
     @property
     def count(self) -> int:
@@ -163,7 +171,8 @@ def split_graph(gm: fx.GraphModule) -> SplitGraph | None:
         passes.append(Level(_derive(gm.graph, below, here, f"{base}_level{k}"),
                             [order.index(n) for n in below], [order.index(n) for n in here]))
     final = _derive(gm.graph, order, None, f"{base}_final")
-    return SplitGraph(passes, final, [COMBINE[n.target] for n in order])
+    return SplitGraph(passes, final, [COMBINE[n.target] for n in order],
+                      [SPACE.get(n.target, "seg") for n in order])
 
 
 @dataclass
@@ -182,6 +191,7 @@ class EarlySplit:
     combine: list[str]
     early: list[str]
     late: list[str]
+    spaces: list[str]
 
 
 def _elem_reads(gm: fx.GraphModule, elem_inputs: set[str]) -> int:
@@ -239,4 +249,5 @@ def split_early(gm: fx.GraphModule, elem_inputs: set[str],
             + sum(1 for s in late if s in elem_inputs))
     if kept >= recompute:
         return None
-    return EarlySplit(level, final, [COMBINE[n.target] for n in reductions], early, late)
+    return EarlySplit(level, final, [COMBINE[n.target] for n in reductions], early, late,
+                      [SPACE.get(n.target, "seg") for n in reductions])

@@ -1,7 +1,8 @@
 """The compiled path: graph counts, no recompiles from schedulers, state_dict round trips.
 
 Cold compiles cost 15-30 s on a 2-core CPU, so this file compiles only a
-tiny program (twice, under two names) and the `lamb` preset (shared with
+tiny program (twice, with two different constants; a third time under another
+name, which must reuse the first one's graphs) and the `lamb` preset (shared with
 other tests through the runner cache).
 """
 import copy
@@ -18,7 +19,7 @@ TINY = """optimizer {name}
 hyper lr = 0.1 in [0, inf)
 state r : layer = 0
 step {{
-  r = 0.9 * r + 0.1 * rms(g)
+  r = {beta} * r + (1 - {beta}) * rms(g)
   w = w - lr * norm(w) / (norm(g) + 1) * g - lr * r * sign(g)
 }}
 """
@@ -48,9 +49,10 @@ def steps(opt, params, k, seed):
 
 def test_graph_count_does_not_grow_with_parameters_and_schedulers_do_not_recompile():
     counts = {}
-    for n in (3, 300):
+    for n, beta in ((3, 0.9), (300, 0.8)):
         params = mixed_params(n, seed=n)
-        opt = lw.Optimizer(params, lw.parse(TINY.format(name=f"tiny_{n}")), compile=True)
+        program = lw.parse(TINY.format(name=f"tiny_{n}", beta=beta))
+        opt = lw.Optimizer(params, program, compile=True)
         before = compiled_graphs()
         steps(opt, params, 2, seed=0)
         counts[n] = compiled_graphs() - before
@@ -65,6 +67,14 @@ def test_graph_count_does_not_grow_with_parameters_and_schedulers_do_not_recompi
     # the flat runtime: one graph per pass (a level pass and the final pass),
     # however many parameters, whatever their sizes
     assert counts[3] == counts[300] and 1 <= counts[3] <= 4, counts
+    # the same step under another name (and with rules, which act on the
+    # hyper values fed to the graphs, not on the graphs) compiles nothing new
+    params = mixed_params(5, seed=5)
+    text = TINY.format(name="tiny_renamed", beta=0.9) + 'for ndim <= 1 {\n  lr = 0.5 * lr\n}\n'
+    opt = lw.Optimizer(params, lw.parse(text), compile=True)
+    before = compiled_graphs()
+    steps(opt, params, 2, seed=0)
+    assert compiled_graphs() == before, "a renamed program recompiled"
 
 
 def make_lamb_setup(dtype=torch.float32):

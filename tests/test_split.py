@@ -14,42 +14,68 @@ from layerwise.split import split_early, split_graph
 from test_runtime_properties import programs
 
 N = 11          # elements of the parameter; shards of 6 and 5, or 11 and 0
+R, K = 5, 3     # a program with units: a (5, 3) matrix; shards of 3 and 2 rows, or 5 and 0
+
+
+def _shape(lowered, kind: str) -> tuple[int, ...]:
+    if not lowered.units:
+        return () if kind == "layer" else (N,)
+    return {"layer": (), "elem": (R, K), "row": (R, 1), "col": (1, K)}[kind]
 
 
 def _inputs(lowered, seed: int) -> list[torch.Tensor]:
-    """Positional inputs of the update graph: random elem and 0-d values."""
+    """Positional inputs of the update graph: random elem (row, col) and 0-d values."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.tensor(3.0, dtype=torch.float64)
     hypers = [torch.rand((), generator=gen, dtype=torch.float64) * 0.8 + 0.1
               for _ in lowered.hyper_names]
-    states = [torch.randn((), generator=gen, dtype=torch.float64) if layer
-              else torch.randn(N, generator=gen, dtype=torch.float64)
-              for layer in lowered.layer_states]
+    states = [torch.randn(_shape(lowered, kind), generator=gen, dtype=torch.float64)
+              for kind in lowered.state_kinds]
     globals_ = [torch.rand((), generator=gen, dtype=torch.float64) + 0.5 for _ in lowered.globals]
     consts = list(lowered.update_consts(t, *hypers, *globals_))
-    elem = [torch.randn(N, generator=gen, dtype=torch.float64)
+    elem = [torch.randn(_shape(lowered, "elem"), generator=gen, dtype=torch.float64)
             for _ in range(3 if lowered.program.kind == "adaptation" else 2)]  # w, g (, u)
-    return [*elem, t, torch.tensor(float(N), dtype=torch.float64), *hypers, *states, *consts]
+    numbers = {"rows": R, "cols": K, "ndim": 2} if lowered.units else \
+        {"rows": N, "cols": 1, "ndim": 1}
+    params = [torch.tensor(float(numbers[n]), dtype=torch.float64)
+              for _, n in lowered.param_inputs]
+    numel = R * K if lowered.units else N
+    return [*elem, t, torch.tensor(float(numel), dtype=torch.float64), *params, *hypers,
+            *states, *consts]
 
 
 def _elem(lowered) -> set[str]:
-    return {"w", "g", "u", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
-                             if not layer)}
+    return {"w", "g", "u", *(s for s, kind in zip(lowered.state_names, lowered.state_kinds)
+                             if kind == "elem")}
 
 
-def _shard(inputs: list[torch.Tensor], cut: slice) -> list[torch.Tensor]:
-    return [x[cut] if x.dim() == 1 else x for x in inputs]
+def _rows(lowered) -> int:
+    return R if lowered.units else N
 
 
-def _run_sharded(split, inputs: list[torch.Tensor], cuts: list[slice]) -> list[list]:
-    """Each shard's final outputs, partials combined across shards between levels."""
-    shards = [_shard(inputs, c) for c in cuts]
+def _sharded(x: torch.Tensor, rows: int) -> bool:
+    """Whether ``x`` is cut by a dim-0 sharding (elem and row values)."""
+    return x.dim() >= 1 and x.shape[0] == rows and not (x.dim() == 2 and x.shape[0] == 1)
+
+
+def _shard(inputs: list[torch.Tensor], cut: slice, rows: int) -> list[torch.Tensor]:
+    return [x[cut] if _sharded(x, rows) else x for x in inputs]
+
+
+def _run_sharded(split, inputs: list[torch.Tensor], cuts: list[slice], rows: int) -> list[list]:
+    """Each shard's final outputs, partials combined across shards between levels
+    (those of reductions along rows are each shard's own)."""
+    shards = [_shard(inputs, c, rows) for c in cuts]
     reds: list[list] = [[None] * split.count for _ in cuts]
     for lv in split.levels:
         parts = [lv.graph(*x, *[r[i] for i in lv.reads]) for x, r in zip(shards, reds)]
         for k, i in enumerate(lv.computes):
+            if split.spaces[i] == "row":
+                for r, p in zip(reds, parts):
+                    r[i] = p[k]
+                continue
             column = torch.stack([p[k] for p in parts])
-            value = column.sum() if split.combine[i] == "sum" else column.amax()
+            value = column.sum(0) if split.combine[i] == "sum" else column.amax(0)
             for r in reds:
                 r[i] = value
     return [list(split.final(*x, *r)) for x, r in zip(shards, reds)]
@@ -61,10 +87,12 @@ def _assert_sharded_equals_fused(lowered, seed: int) -> None:
         return
     inputs = _inputs(lowered, seed)
     fused = lowered.update(*inputs)
-    for cuts in ([slice(0, N)], [slice(0, 6), slice(6, N)], [slice(0, N), slice(N, N)]):
-        outs = _run_sharded(split, inputs, cuts)
+    n = _rows(lowered)
+    for cuts in ([slice(0, n)], [slice(0, n // 2 + 1), slice(n // 2 + 1, n)],
+                 [slice(0, n), slice(n, n)]):
+        outs = _run_sharded(split, inputs, cuts, n)
         for j, want in enumerate(fused):
-            if want.dim() == 1:
+            if _sharded(want, n):
                 got = torch.cat([o[j] for o in outs])
             else:
                 got = outs[0][j]
@@ -80,7 +108,8 @@ def _assert_early_equals_fused(lowered, seed: int) -> None:
         return
     inputs = _inputs(lowered, seed)
     fused = lowered.update(*inputs)
-    first = 4 + (lowered.program.kind == "adaptation") + len(lowered.hyper_names)
+    first = 4 + (lowered.program.kind == "adaptation") + len(lowered.param_inputs) \
+        + len(lowered.hyper_names)
     outs = keep.level(*inputs)             # every graph here sees this step's t
     count = len(keep.combine)
     partials, early = outs[:count], outs[count:]

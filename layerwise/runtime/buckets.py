@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from .distributed import is_dtensor, like, local, shard_group
-from .layout import Bucket, Slot
+from .distributed import is_dtensor, like, like_rows, local, shard_group
+from .layout import Bucket, Slot, unit_chunk, unit_shape
 from .validate import check_grad, check_param
 
 __all__ = ["Member", "Scan", "BucketSet"]
@@ -68,19 +68,25 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def bucket_key(p: torch.Tensor) -> tuple:
-    """Parameters sharing a bucket: same dtype, same device."""
+def bucket_key(p: torch.Tensor, block: int = 1, units: bool = False) -> tuple:
+    """Parameters sharing a bucket: same dtype, same device; on the unit layout
+    also the same number of columns (after ``row_block``, ``block``)."""
     lp = local(p)
+    if units:
+        return (lp.dtype, lp.device, unit_shape(p.shape, block)[1])
     return (lp.dtype, lp.device)
 
 
 class BucketSet:
-    """The buckets of one optimizer, for a program with the given states and
-    hypers, laid out in chunks of ``chunk`` elements (the runner's)."""
+    """The buckets of one optimizer, for a program with the given states (and
+    their kinds) and hypers, laid out in chunks of ``chunk`` elements (the
+    runner's) or, with ``units``, one row per chunk (LANGUAGE.md section 10)."""
 
-    def __init__(self, state_names: tuple[str, ...], layer_states: tuple[bool, ...],
-                 hyper_names: tuple[str, ...], chunk: int, inputs: tuple[str, ...] = ()):
-        self.state_names, self.layer_states = state_names, layer_states
+    def __init__(self, state_names: tuple[str, ...], state_kinds: tuple[str, ...],
+                 hyper_names: tuple[str, ...], chunk: int, inputs: tuple[str, ...] = (),
+                 units: bool = False):
+        self.state_names, self.state_kinds = state_names, state_kinds
+        self.units = units
         self.chunk = chunk
         #: extra per-element inputs (an adaptation's ``u``) and, for this step,
         #: each parameter's tensor of them (set by the caller before a step)
@@ -94,14 +100,14 @@ class BucketSet:
     # ------------------------------------------------------------ scan
     def scan(self, param_groups: list[dict], rules_of: Callable, state: dict,
              name_of: Callable[[int, int, int], str],
-             check_entries: Callable[[torch.Tensor, dict, str], None],
+             check_entries: Callable[[torch.Tensor, dict, str, object], None],
              hypers_of: Callable) -> Scan:
         """Check every parameter, gradient and state entry; note on each slot
         this step's gradient and what must be copied in. Changes nothing the
         user owns.
 
         ``name_of(gi, pi, flat)`` names a parameter for messages;
-        ``check_entries(p, entries, name)`` validates a state dict that is
+        ``check_entries(p, entries, name, rules)`` validates a state dict that is
         not this runtime's own views; ``rules_of(gi, pi, p)`` gives a
         parameter's ``for`` rules and ``hypers_of(group_values, gi, rules,
         where)`` (and checks) its hyper values this step.
@@ -133,7 +139,9 @@ class BucketSet:
                     if g is not None:
                         check_grad(p, g, name)
                     if entries:
-                        check_entries(p, entries, name)
+                        check_entries(p, entries, name, pr)
+                    if self.units:
+                        Bucket.local_rows(p, local(p), name, pr.row_block)
                     scan.joining.append(Member(p, name, shard_group(p, name)
                                                if is_dtensor(p) else None, gi, pr, hv))
                     scan.active |= g is not None
@@ -167,7 +175,7 @@ class BucketSet:
                 if entries is not slot.entries or (entries is not None
                                                    and not self._intact(slot, entries)):
                     if entries:
-                        check_entries(p, entries, name_of(gi, pi, flat))
+                        check_entries(p, entries, name_of(gi, pi, flat), pr)
                     slot.foreign = True
         return scan
 
@@ -242,13 +250,15 @@ class BucketSet:
         members: dict[tuple, list[tuple[Member, Slot | None]]] = {}
         for _, slot in self.slot_of.values():
             m = Member(slot.param, slot.name, slot.group, slot.gi, slot.rules, slot.hypers)
-            members.setdefault(bucket_key(slot.param), []).append((m, slot))
+            members.setdefault(self._key(m), []).append((m, slot))
         for m in scan.joining:
-            members.setdefault(bucket_key(m.param), []).append((m, None))
+            members.setdefault(self._key(m), []).append((m, None))
         self.buckets, self.slot_of = {}, {}
         for key, items in members.items():
+            chunk = unit_chunk(key[2]) if self.units else self.chunk
             b = Bucket([(m.param, m.name, m.group) for m, _ in items], self.state_names,
-                       self.layer_states, len(self.hyper_names), self.chunk, self.inputs)
+                       self.state_kinds, len(self.hyper_names), chunk, self.inputs,
+                       self.units, [m.rules.row_block for m, _ in items])
             self.buckets[key] = b
             for slot, (m, old) in zip(b.slots, items):
                 self.slot_of[slot.param] = (b, slot)
@@ -263,6 +273,9 @@ class BucketSet:
                 else:
                     slot.foreign = bool(entries)
                 b.adopt(slot)
+
+    def _key(self, m: Member) -> tuple:
+        return bucket_key(m.param, m.rules.row_block, self.units)
 
     def finish(self) -> None:
         """After the step: copy packed parameters back, bump the version of
@@ -293,7 +306,7 @@ class BucketSet:
         if not isinstance(entries, dict):
             entries = {}
         entries.clear()
-        entries.update(b.state_entries(slot, like))
+        entries.update(b.state_entries(slot, like, like_rows))
         state[slot.param] = slot.entries = entries
         slot.entry_values = list(entries.values())
 
@@ -345,14 +358,14 @@ class BucketSet:
         if key == b.hyper_key or not self.hyper_names:
             b.hyper_key = key
             return
-        rows = [*key, (0.0,) * len(self.hyper_names)]        # the dummy segment
+        rows = [*key, *[(0.0,) * len(self.hyper_names)] * b.dummies]   # the dummy segments
         b.H.copy_(_to_device(torch.tensor(rows, dtype=b.cdtype).T.contiguous(), b.device))
         b.hyper_key = key
 
     @staticmethod
     def _set_active(b: Bucket, flags: tuple) -> None:
         if flags != b.active_key:
-            b.active.copy_(_to_device(torch.tensor(list(flags) + [False], dtype=torch.bool),
-                                      b.device))
+            b.active.copy_(_to_device(torch.tensor(list(flags) + [False] * b.dummies,
+                                                   dtype=torch.bool), b.device))
             b.active_chunks = b.active[b.seg].unsqueeze(1)
             b.active_key = flags

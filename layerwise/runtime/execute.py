@@ -20,7 +20,13 @@ on the ``(nchunks, C)`` buffers.
   is active, plain copies for the writes.
 
 A call returns the pass's partials, ``(nchunks,)`` tensors of the compute
-dtype, and its per-parameter outputs.
+dtype (``(nchunks, C)`` for a reduction along columns), and its
+per-parameter outputs.
+
+On the unit layout (LANGUAGE.md section 10) the chunk length C differs
+between buckets, so it is dynamic in the compiled graphs too; col values
+are ``(P, C)`` tables whose bridges are gathered per chunk (per block on
+the eager path).
 """
 from __future__ import annotations
 
@@ -47,6 +53,9 @@ def eager_block(chunk: int) -> int:
 def _body(flat: FlatPass, blocked: bool) -> Callable:
     vec_graph, elem_graph = flat.vec, flat.elem
     nb, nw, npart = flat.bridges, len(flat.vec_writes), len(flat.partials)
+    spaces = flat.bridge_spaces or ("layer",) * nb
+    layer_b = [i for i, sp in enumerate(spaces) if sp == "layer"]
+    col_b = [i for i, sp in enumerate(spaces) if sp == "col"]
     ref = flat.vec_inputs.index("numel")
     has_elem = bool(next(n for n in elem_graph.graph.nodes if n.op == "output").args[0])
 
@@ -56,20 +65,27 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
                  act: torch.Tensor):
         dtype = vec_in[ref].dtype
         vals = vec_graph(*vec_in)
-        bridges = flat_ops.gather(list(vals[:nb]), seg)
+        bridges = list(vals[:nb])
+        if layer_b:
+            for i, v in zip(layer_b, flat_ops.gather([bridges[i] for i in layer_b], seg)):
+                bridges[i] = v
         for dst, v in zip(vec_dsts, vals[nb:nb + nw]):
             flat_ops.write_vec(dst, v, active)
         if not has_elem:
             return [], list(vals[nb + nw:])
         if not blocked or seg.device.type != "cpu":
+            for i in col_b:
+                bridges[i] = flat_ops.col_gather(bridges[i], seg)
             outs = elem_graph(*[x.to(dtype) for x in elem_in], *dsts, *bridges, valid, act)
             return list(outs[:npart]), list(vals[nb + nw:])
         parts = []
+        cols = set(col_b)
         for rows in valid:
             s, e = rows.start, rows.stop
+            block = [flat_ops.col_gather(b, seg[s:e]) if i in cols
+                     else b[s:e] if b.dim() else b for i, b in enumerate(bridges)]
             outs = elem_graph(*[x[s:e].to(dtype) for x in elem_in], *[x[s:e] for x in dsts],
-                              *[b[s:e] if b.dim() else b for b in bridges],
-                              rows, None if act is None else act[s:e])
+                              *block, rows, None if act is None else act[s:e])
             parts.append(outs[:npart])
         partials = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)] \
             if npart else []
@@ -84,13 +100,15 @@ def _own_code(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _mark(tensors: Sequence[torch.Tensor]) -> None:
+def _mark(tensors: Sequence[torch.Tensor], units: bool = False) -> None:
     for x in tensors:
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
             torch._dynamo.mark_dynamic(x, 0)
+            if units and x.dim() == 2 and x.shape[1] > 1:
+                torch._dynamo.mark_dynamic(x, 1)
 
 
-def pass_function(flat: FlatPass, compile: bool, name: str) -> Callable:
+def pass_function(flat: FlatPass, compile: bool, name: str, units: bool = False) -> Callable:
     """The callable running ``flat``: ``fn(elem_in, dsts, vec_in, vec_dsts, seg,
     valid, active, act) -> (partials, per-parameter outputs)``.
 
@@ -111,10 +129,10 @@ def pass_function(flat: FlatPass, compile: bool, name: str) -> Callable:
                              fullgraph=True)
 
     def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act):
-        _mark(elem_in)
-        _mark(dsts)
-        _mark(vec_in)
-        _mark(vec_dsts)
+        _mark(elem_in, units)
+        _mark(dsts, units)
+        _mark(vec_in, units)
+        _mark(vec_dsts, units)
         _mark((seg, valid, active, act))
         return compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act)
 

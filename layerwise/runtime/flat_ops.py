@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["PartialRows", "per_chunk", "gather", "chunk_mask", "row_sum", "row_sumsq", "row_dot",
-           "row_max_abs", "write", "write_vec"]
+           "row_max_abs", "write", "write_vec", "chunk_mask_like", "as_col", "col_mask",
+           "col_total", "col_max", "col_fill", "col_gather", "row_partial", "col_partial",
+           "value_partial"]
 
 
 @dataclass
@@ -137,5 +139,92 @@ def write(dst: torch.Tensor, value, active: torch.Tensor | None) -> torch.Tensor
 
 def write_vec(dst: torch.Tensor, value, active: torch.Tensor) -> torch.Tensor:
     """Write a per-segment ``value`` (a ``(P,)`` vector, 0-d tensor or float)
-    into the ``(P,)`` vector ``dst`` where ``active`` (``(P,)`` bool)."""
+    into the ``(P,)`` vector (or ``(P, C)`` col table) ``dst`` where
+    ``active`` (``(P,)`` bool)."""
+    if dst.dim() == 2:
+        return dst.copy_(torch.where(active.unsqueeze(1), as_col(value), dst))
     return dst.copy_(torch.where(active, value, dst))
+
+
+# ---------------------------------------------------------------- units
+# Programs with row or col values (LANGUAGE.md section 10) run on the unit
+# layout (``layerwise.runtime.layout``): a chunk is one row of a parameter's
+# ``(rows, cols)`` matrix (``C = max(cols, 2)`` for every parameter of the
+# bucket), so a row value is ``(nchunks, 1)``, one per chunk, and a col value
+# is a ``(P, C)`` table, one row per segment.
+
+def chunk_mask_like(valid, ref: torch.Tensor):
+    """:func:`chunk_mask` for a chunk length that is ``ref.shape[1]`` (the unit
+    layout's, which differs between buckets)."""
+    if isinstance(valid, PartialRows):
+        return valid
+    return torch.arange(ref.shape[1], device=valid.device) < valid
+
+
+def as_col(x):
+    """A per-segment value ``(P,)`` as a column ``(P, 1)`` that broadcasts
+    against ``(P, C)`` col tables; 0-d tensors and floats as they are."""
+    if isinstance(x, torch.Tensor) and x.dim() == 1:
+        return x.unsqueeze(1)
+    return x
+
+
+def col_mask(cols: torch.Tensor, width: int) -> torch.Tensor:
+    """``(P, width)`` bool: True on each segment's first ``cols`` columns
+    (``cols``: ``(P,)`` float, the segments' column counts)."""
+    return torch.arange(width, device=cols.device) < as_col(cols)
+
+
+def col_total(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(P, C) -> (P,)``: each segment's sum over its columns."""
+    return torch.where(col_mask(cols, x.shape[1]), x, 0).sum(1)
+
+
+def col_max(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(P, C) -> (P,)``: each segment's largest absolute value over its
+    columns (0 if it has none; NaN propagates)."""
+    return torch.where(col_mask(cols, x.shape[1]), torch.abs(x), 0).amax(1)
+
+
+def col_fill(value, ref: torch.Tensor) -> torch.Tensor:
+    """A new ``(P, C)`` col table (``ref``'s shape and dtype) holding
+    ``value`` (a float, 0-d, ``(P,)`` or ``(P, C)``)."""
+    return torch.zeros_like(ref) + as_col(value)
+
+
+def col_gather(table: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """``(P, C)`` col table -> ``(nchunks, C)``: each chunk's segment's row."""
+    return table.index_select(0, seg)
+
+
+def row_partial(x: torch.Tensor, mask, reduce: str) -> torch.Tensor:
+    """The partial of a reduction along rows: per chunk (one row each), the
+    sum (``reduce="sum"``) or largest absolute value (``"max"``) of ``x``
+    over its real elements: ``(nchunks,)``."""
+    return row_sum(x, mask) if reduce == "sum" else row_max_abs(x, mask)
+
+
+def col_partial(x: torch.Tensor, mask, reduce: str) -> torch.Tensor:
+    """The partial of a reduction along columns: ``x`` (or ``|x|`` for
+    ``reduce="max"``) with padding set to 0, ``(nchunks, C)``; the runtime
+    reduces it over each segment's chunks."""
+    y = torch.abs(x) if reduce == "max" else x
+    if isinstance(mask, PartialRows):
+        if not mask.index.numel():
+            return y.clone() if y is x else y
+        y = y.clone() if y is x else y
+        y[mask.index] = torch.where(mask.mask, y[mask.index], 0)
+        return y
+    return torch.where(mask, y, 0)
+
+
+def value_partial(x: torch.Tensor, target: str) -> torch.Tensor:
+    """The partial of a layer reduction of a row value ``(nchunks, 1)``: per
+    chunk (one row), the value (``target="sum"``), its square (``"sumsq"``),
+    its absolute value (``"max_abs"``) or, with ``y``, ... as ``(nchunks,)``."""
+    v = x[:, 0]
+    if target == "sumsq":
+        return v * v
+    if target == "max_abs":
+        return torch.abs(v)
+    return v + 0 if target == "sum" else v

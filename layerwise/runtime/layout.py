@@ -42,21 +42,39 @@ tensors"):
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import local
+from .distributed import local, shard_offset
 from .flat_ops import PartialRows
 
-__all__ = ["CHUNK", "Slot", "Bucket", "dense", "compute_dtype"]
+__all__ = ["CHUNK", "Slot", "Bucket", "dense", "compute_dtype", "unit_shape", "unit_chunk"]
 
 #: Elements per chunk. Parameters are padded to a multiple of it. Longer rows
 #: amortise each row's loop overhead in the compiled kernels (BERT-base
 #: compiled lamb, same process: 1024 about 10% faster than 256, 2048 no
 #: faster than 1024); the padding costs at most 1023 elements per tensor.
 CHUNK = 1024
+
+
+def unit_shape(shape, block: int = 1) -> tuple[int, int]:
+    """``(rows, cols)`` of a parameter of ``shape`` seen as a matrix whose rows
+    are ``block`` consecutive slices along dim 0 (LANGUAGE.md section 10): a
+    0-d tensor is ``(1, 1)``, a bias ``(n,)`` is ``(n, 1)``, a conv weight
+    ``(out, in, kh, kw)`` is ``(out, in * kh * kw)``; ``block`` divides dim 0."""
+    shape = tuple(shape)
+    dim0 = shape[0] if shape else 1
+    return dim0 // block, block * math.prod(shape[1:])
+
+
+def unit_chunk(cols: int) -> int:
+    """The chunk length of the unit layout for parameters of ``cols`` columns:
+    one row per chunk, at least 2 (a length-1 dimension would make compiled
+    graphs specialise on it)."""
+    return max(cols, 2)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,7 +136,9 @@ def owns_storage(t: torch.Tensor) -> bool:
 
 @dataclass(eq=False)
 class Slot:
-    """One parameter's place in a bucket (``index`` is its segment)."""
+    """One parameter's place in a bucket (``index`` is its segment); ``rows``
+    and ``cols``: its matrix after its ``row_block`` (``block``), rows of
+    the whole parameter (not just this rank's shard)."""
     param: torch.Tensor
     name: str
     index: int
@@ -145,6 +165,9 @@ class Slot:
     moved: bool = False             # its tensor is not (or no longer) its view of W
     seen: tuple = ()                # a packed parameter's tensor when last checked
     foreign: bool = False           # state[p] holds values to copy into the buffers
+    block: int = 1
+    rows: int = 1
+    cols: int = 1
 
     @property
     def numel(self) -> int:
@@ -160,59 +183,101 @@ class Bucket:
     Args:
         members: ``(param, name, process group or None)`` per parameter;
             ``param`` may be a DTensor (its local shard is laid out).
-        state_names, layer_states: the program's states and which are
-            layer (one number per parameter) rather than elem states.
+        state_names, state_kinds: the program's states and their kinds:
+            ``"elem"`` (shaped like the parameter), ``"layer"`` (one number
+            per parameter), ``"row"`` or ``"col"`` (one per row or column).
         hyper_count: number of hyperparameters (rows of ``H``).
         chunk: elements per chunk.
         inputs: names of extra per-element inputs (an adaptation's ``u``),
             one buffer each in ``X``, filled before every step.
+        units: lay out one row per chunk (LANGUAGE.md section 10: every
+            member has ``chunk - pad`` columns, see :func:`unit_chunk`).
+        blocks: each member's ``row_block`` (default 1).
+
+    Raises:
+        ValueError: on the unit layout, a sharded parameter whose local shard
+            does not hold whole rows (a ``row_block`` straddling a shard
+            boundary), naming the parameter.
     """
 
     def __init__(self, members: list[tuple[torch.Tensor, str, object]],
-                 state_names: tuple[str, ...], layer_states: tuple[bool, ...],
-                 hyper_count: int, chunk: int = CHUNK, inputs: tuple[str, ...] = ()):
+                 state_names: tuple[str, ...], state_kinds: tuple[str, ...],
+                 hyper_count: int, chunk: int = CHUNK, inputs: tuple[str, ...] = (),
+                 units: bool = False, blocks: list[int] | None = None):
         first = local(members[0][0])
         self.dtype, self.device = first.dtype, first.device
         self.cdtype = compute_dtype(self.dtype)
         self.chunk = chunk
+        self.units = units
         self.slots: list[Slot] = []
+        blocks = blocks or [1] * len(members)
         c0 = 0
-        for i, (p, name, group) in enumerate(members):
+        for i, ((p, name, group), block) in enumerate(zip(members, blocks)):
             lp = local(p)
             n = lp.numel()
             shape = tuple(lp.shape)
-            stride = tuple(lp.stride()) if dense(lp) and group is None and n > 1 \
-                else _contiguous_strides(shape)
-            k = -(-n // chunk)
+            rows, cols = unit_shape(p.shape, block)
+            if units:
+                k = self.local_rows(p, lp, name, block)
+                stride = _contiguous_strides(shape)
+                if shape and cols < chunk:       # one element per row, padded
+                    stride = (chunk, *stride[1:])
+            else:
+                stride = tuple(lp.stride()) if dense(lp) and group is None and n > 1 \
+                    else _contiguous_strides(shape)
+                k = -(-n // chunk)
             self.slots.append(Slot(p, name, i, c0, k, shape, stride, group,
-                                   param_shape=tuple(p.shape)))
+                                   param_shape=tuple(p.shape), block=block, rows=rows,
+                                   cols=cols))
             c0 += k
         P, NC = len(self.slots) + 1, c0 + 1            # the dummy segment owns >= 1 chunk
-        while NC < 2 or NC == P:
-            NC += 1
+        # no two dynamic sizes equal, so that compiled graphs never specialise
+        while NC < 2 or NC == P or (units and chunk in (NC, P)):
+            if units and chunk == P:
+                P += 1
+            else:
+                NC += 1
         self.P, self.nchunks = P, NC
+        self.dummies = P - len(self.slots)
         dev, cd = self.device, self.cdtype
-        counts = torch.tensor([s.nchunks for s in self.slots] + [NC - c0], dtype=torch.int64)
+        counts = torch.tensor([s.nchunks for s in self.slots] + [NC - c0]
+                              + [0] * (self.dummies - 1), dtype=torch.int64)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(dev)
         self.seg = torch.repeat_interleave(torch.arange(P), counts).to(dev)
         valid = torch.full((NC,), chunk, dtype=torch.int64)
         for s in self.slots:
-            if s.nchunks:
+            if units:
+                valid[s.chunk0:s.chunk0 + s.nchunks] = s.cols
+            elif s.nchunks:
                 valid[s.chunk0 + s.nchunks - 1] = s.numel - (s.nchunks - 1) * chunk
         valid[c0:] = 0
         self.valid = valid.unsqueeze(1).to(dev)
+        kinds = dict(zip(state_names, state_kinds))
         # empty, then zero the padding: a slot's memory is only touched when its
         # parameter, gradient or state is copied in, so adopting a parameter
         # (whose old storage is then freed) does not grow the resident set
         self.W = self._buffer(self.dtype)
         self.G = self._buffer(self.dtype)
-        self.S = {n: self._buffer(cd) for n, layer in zip(state_names, layer_states) if not layer}
+        self.S = {n: self._buffer(cd) for n, k in kinds.items() if k == "elem"}
         self.X = {n: self._buffer(cd) for n in inputs}
-        self.L = {n: torch.zeros(P, dtype=cd, device=dev)
-                  for n, layer in zip(state_names, layer_states) if layer}
+        self.L = {n: torch.zeros(P, dtype=cd, device=dev) for n, k in kinds.items()
+                  if k == "layer"}
+        # row states: one number per chunk (a row); col states: a (P, C) table
+        self.R = {n: torch.zeros(NC, dtype=cd, device=dev) for n, k in kinds.items()
+                  if k == "row"}
+        self.row_views = {n: v.unsqueeze(1) for n, v in self.R.items()}
+        self.CS = {n: torch.zeros(P, chunk, dtype=cd, device=dev) for n, k in kinds.items()
+                   if k == "col"}
+        self.colref = torch.zeros(P, chunk, dtype=cd, device=dev) if units else None
         self.T = torch.zeros(P, dtype=cd, device=dev)
-        self.NUMEL = torch.tensor([float(p.numel()) for p, _, _ in members] + [0.0],
+        pad = [0.0] * self.dummies
+        self.NUMEL = torch.tensor([float(p.numel()) for p, _, _ in members] + pad,
                                   dtype=cd, device=dev)
+        # the parameter's numbers that steps read (section 10), after row_block
+        self.ROWS = torch.tensor([float(s.rows) for s in self.slots] + pad, dtype=cd, device=dev)
+        self.COLS = torch.tensor([float(s.cols) for s in self.slots] + pad, dtype=cd, device=dev)
+        self.NDIM = torch.tensor([float(len(s.param_shape)) for s in self.slots] + pad,
+                                 dtype=cd, device=dev)
         self.H = torch.zeros(hyper_count, P, dtype=cd, device=dev)
         self.hyper_key: object = None
         self.active = torch.zeros(P, dtype=torch.bool, device=dev)
@@ -225,6 +290,10 @@ class Bucket:
             s.states = {n: self._view(buf, s) for n, buf in self.S.items()}
             s.inputs = {n: self._view(buf, s) for n, buf in self.X.items()}
             s.states.update({n: own_view(vec, (), (), s.index) for n, vec in self.L.items()})
+            s.states.update({n: own_view(vec, (s.nchunks,), (1,), s.chunk0)
+                             for n, vec in self.R.items()})
+            s.states.update({n: own_view(t, (s.cols,), (1,), s.index * chunk)
+                             for n, t in self.CS.items()})
             s.states["step"] = own_view(self.T, (), (), s.index)
         self.grads_exposed = False
         by_group: dict[object, list[int]] = {}
@@ -234,6 +303,24 @@ class Bucket:
         self._shards = {g: torch.tensor(ix, dtype=torch.int64, device=dev)
                         for g, ix in by_group.items()}
         self._partial_rows: dict[int, list[PartialRows]] = {}
+
+    @staticmethod
+    def local_rows(p: torch.Tensor, lp: torch.Tensor, name: str, block: int) -> int:
+        """Rows of ``p`` this rank holds on the unit layout (all of them unless
+        ``p`` is sharded); refuses a shard that cuts a row."""
+        dim0 = lp.shape[0] if lp.dim() else 1
+        try:
+            start = shard_offset(p)
+        except ValueError as err:
+            raise ValueError(f"parameter {name}: {err}") from None
+        if dim0 % block or start % block:
+            raise ValueError(
+                f"parameter {name}: its shard on this rank holds dim-0 slices {start} to "
+                f"{start + dim0 - 1}, which cuts one of its rows of row_block {block} slices; "
+                "layerwise keeps a row on one rank: shard the parameter so that every shard "
+                "holds whole rows (e.g. a number of ranks dividing "
+                f"{(p.shape[0] if p.dim() else 1) // block}), or use a row_block of 1")
+        return dim0 // block
 
     def partial_rows(self, block: int) -> list[PartialRows]:
         """Per block of ``block`` chunks, its rows that end in padding (the
@@ -250,6 +337,9 @@ class Bucket:
         return self._shards
 
     def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.units and any(s.cols < self.chunk for s in self.slots):
+            # rows of one element: padding after each
+            return torch.zeros(self.nchunks, self.chunk, dtype=dtype, device=self.device)
         buf = torch.empty(self.nchunks, self.chunk, dtype=dtype, device=self.device)
         flat = buf.view(-1)
         for s in self.slots:
@@ -337,11 +427,18 @@ class Bucket:
                 s.g.copy_(g_old)
                 p.grad = s.g
 
-    def state_entries(self, s: Slot, like) -> dict[str, torch.Tensor]:
+    def state_entries(self, s: Slot, like, like_rows=None) -> dict[str, torch.Tensor]:
         """The tensors ``optimizer.state[p]`` holds for ``s``: views of the
-        buffers (elem states laid out like the parameter through ``like``)."""
+        buffers (elem states laid out like the parameter through ``like``,
+        row states like its dim 0 through ``like_rows``)."""
         out = {"step": s.states["step"]}
         for n, v in s.states.items():
-            if n != "step":
-                out[n] = like(v, s.param) if n in self.S else v
+            if n == "step":
+                continue
+            if n in self.S:
+                out[n] = like(v, s.param)
+            elif n in self.R and like_rows is not None:
+                out[n] = like_rows(v, s.param, s.rows)
+            else:
+                out[n] = v
         return out

@@ -20,6 +20,11 @@ the later passes as ``r<i>`` inputs.
 
 Hoisted constants (``layerwise.lower``) are computed inside each pass's vec
 graph from ``t``, hypers and globals (:func:`~.flatten.inline_consts`).
+
+A program with row or col values (``Lowered.units``) runs on the unit
+layout: its passes are flattened without a chunk constant, with the space
+of every input (row and col states, and the partials of reductions along a
+unit, which later passes read as row or col values).
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ class Pass:
     reads: dict[str, int]
     computes: list[int]
     roles: list[Role]
+    #: the space of each reduction this pass computes ("seg", "row" or "col")
+    spaces: list[str] = ()
 
 
 @dataclass
@@ -54,10 +61,16 @@ class Procedure:
     reductions: int
 
 
+def _state_role(kind: str) -> str:
+    """Elem and row states live in per-chunk buffers, layer and col states in
+    per-segment vectors and tables."""
+    return "write_vec" if kind in ("layer", "col") else "write"
+
+
 def _roles_update(lowered: Lowered, late: list[str], n_watch: int) -> list[Role]:
-    kinds = dict(zip(lowered.state_names, lowered.layer_states))
+    kinds = dict(zip(lowered.state_names, lowered.state_kinds))
     return ([Role("write", "w")]
-            + [Role("write_vec" if kinds[s] else "write", s) for s in late]
+            + [Role(_state_role(kinds[s]), s) for s in late]
             + [Role("vec")] * n_watch)
 
 
@@ -66,37 +79,48 @@ def _with_consts(gm: fx.GraphModule, consts: fx.GraphModule | None, names) -> fx
 
 
 def _pass(gm: fx.GraphModule, roles: list[Role], reads: list[int], computes: list[int],
-          elem: set[str], chunk: int, consts=None, const_names=()) -> Pass:
+          elem: set[str] | dict[str, str], chunk: int | None, consts=None, const_names=(),
+          spaces=()) -> Pass:
     """Flatten ``gm``, whose last ``len(reads)`` placeholders are the partials of
-    the reductions ``reads`` (``layerwise.split``)."""
+    the reductions ``reads`` (``layerwise.split``); ``spaces``: the space of
+    every reduction of the procedure."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     red_names = dict(zip(names[len(names) - len(reads):], reads)) if reads else {}
+    if isinstance(elem, dict):
+        elem = {**elem, **{n: spaces[i] for n, i in red_names.items()
+                           if spaces[i] in ("row", "col")}}
     flat = flatten(_with_consts(gm, consts, const_names), roles, elem, chunk)
-    return Pass(flat, red_names, computes, roles)
+    return Pass(flat, red_names, computes, roles, [spaces[i] for i in computes])
 
 
-def _procedure(name: str, gm: fx.GraphModule, final_roles: list[Role], elem: set[str],
-               chunk: int, consts=None, const_names=()) -> Procedure:
+def _procedure(name: str, gm: fx.GraphModule, final_roles: list[Role], elem,
+               chunk: int | None, consts=None, const_names=()) -> Procedure:
     split = split_graph(gm)
     if split is None:
         return Procedure(name, [], _pass(gm, final_roles, [], [], elem, chunk, consts,
                                          const_names), 0)
     levels = [_pass(lv.graph, [Role("partial", combine=split.combine[i]) for i in lv.computes],
-                    lv.reads, lv.computes, elem, chunk, consts, const_names)
+                    lv.reads, lv.computes, elem, chunk, consts, const_names, split.spaces)
               for lv in split.levels]
     final = _pass(split.final, final_roles, list(range(split.count)), [], elem, chunk, consts,
-                  const_names)
+                  const_names, split.spaces)
     return Procedure(name, levels, final, split.count)
 
 
 def procedures(lowered: Lowered, chunk: int) -> dict[str, Procedure]:
     """The ``init``, ``update`` and (with global reductions) ``reduce``
-    procedures of ``lowered``, for chunks of ``chunk`` elements."""
-    elem = {"w", "g", "u", *(s for s, layer in zip(lowered.state_names, lowered.layer_states)
-                             if not layer)}
+    procedures of ``lowered``, for chunks of ``chunk`` elements (on the unit
+    layout, ``lowered.units``, the chunk length is each bucket's: ``chunk``
+    is not used)."""
+    kinds = dict(zip(lowered.state_names, lowered.state_kinds))
+    elem_names = {"w", "g", "u", *(s for s, k in kinds.items() if k == "elem")}
+    elem: set[str] | dict[str, str] = elem_names
+    if lowered.units:
+        chunk = None
+        elem = {**{n: "elem" for n in elem_names},
+                **{s: k for s, k in kinds.items() if k in ("row", "col")}}
     out: dict[str, Procedure] = {}
-    init_roles = [Role("write_vec" if layer else "write", s)
-                  for s, layer in zip(lowered.state_names, lowered.layer_states)]
+    init_roles = [Role(_state_role(kinds[s]), s) for s in lowered.state_names]
     out["init"] = _procedure("init", lowered.init, init_roles, elem, chunk)
     if lowered.reduce is not None:
         # every output is one parameter's share of a global reduction; the
@@ -105,7 +129,7 @@ def procedures(lowered: Lowered, chunk: int) -> dict[str, Procedure]:
         out["reduce"] = _procedure("reduce", lowered.reduce, shares, elem, chunk,
                                    lowered.reduce_consts, lowered.reduce_const_names)
     n_watch = len(lowered.watch_names)
-    early = split_early(lowered.update, elem, list(lowered.assigned_states))
+    early = split_early(lowered.update, elem_names, list(lowered.assigned_states))
     if early is None:
         out["update"] = _procedure("update", lowered.update,
                                    _roles_update(lowered, list(lowered.assigned_states), n_watch),
@@ -116,8 +140,9 @@ def procedures(lowered: Lowered, chunk: int) -> dict[str, Procedure]:
         n = len(early.combine)
         level_roles = ([Role("partial", combine=c) for c in early.combine]
                        + [Role("write", s, early=True) for s in early.early])
-        level = _pass(early.level, level_roles, [], list(range(n)), elem, chunk, consts, names)
+        level = _pass(early.level, level_roles, [], list(range(n)), elem, chunk, consts, names,
+                      early.spaces)
         final = _pass(early.final, _roles_update(lowered, early.late, n_watch), list(range(n)),
-                      [], elem, chunk, consts, names)
+                      [], elem, chunk, consts, names, early.spaces)
         out["update"] = Procedure("update", [level], final, n)
     return out

@@ -17,6 +17,7 @@ on the parameters' device.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -51,14 +52,18 @@ class Runner:
             for k, p in enumerate([*proc.levels, proc.final]):
                 # init runs once per parameter: always eager, never compiled
                 self._fns[id(p)] = pass_function(p.flat, compile and pname != "init",
-                                                 f"{name}_{pname}_{k}")
+                                                 f"{name}_{pname}_{k}", lowered.units)
         self._eager = {id(p): not compile or pname == "init"
                        for pname, proc in self.procs.items() for p in [*proc.levels, proc.final]}
 
     def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor):
         f = p.flat
-        buffers = {"w": bucket.W, "g": bucket.G, **bucket.X, **bucket.S}
-        vec = [reds[p.reads[n]] if n in p.reads else env[n] for n in f.vec_inputs]
+        buffers = {"w": bucket.W, "g": bucket.G, **bucket.X, **bucket.S, **bucket.row_views}
+        # partials of reductions along rows are per-chunk inputs of the elem graph
+        elem_in = [reds[p.reads[n]].unsqueeze(1) if n in p.reads else buffers[n]
+                   for n in f.elem_inputs]
+        vec = [reds[p.reads[n]] if n in p.reads else env[n] if n in env else bucket.colref
+               for n in f.vec_inputs]
         if active is bucket.active:
             # eager: None when every segment is active (writes become plain copies)
             act = None if self._eager[id(p)] and all(bucket.active_key) \
@@ -67,9 +72,9 @@ class Runner:
             act = active[bucket.seg].unsqueeze(1)
         eager_cpu = self._eager[id(p)] and bucket.device.type == "cpu"
         valid = bucket.partial_rows(eager_block(self.chunk)) if eager_cpu else bucket.valid
-        return self._fns[id(p)]([buffers[n] for n in f.elem_inputs],
-                                [buffers[n] for n in f.dsts], vec,
-                                [bucket.L[n] for n in f.vec_writes],
+        return self._fns[id(p)](elem_in, [buffers[n] for n in f.dsts], vec,
+                                [bucket.L[n] if n in bucket.L else bucket.CS[n]
+                                 for n in f.vec_writes],
                                 bucket.seg, valid, active, act)
 
     def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
@@ -80,10 +85,11 @@ class Runner:
         proc: Procedure = self.procs[name]
         reds = [[None] * proc.reductions for _ in buckets]
         for lv in proc.levels:
-            per_bucket = [self._reduce(b, self._call(lv, b, env, r, a)[0], lv.flat.partials)
+            per_bucket = [self._reduce(b, self._call(lv, b, env, r, a)[0], lv.flat.partials,
+                                       lv.spaces)
                           for b, env, r, a in zip(buckets, envs, reds, actives)]
             if combine is not None:
-                combine(per_bucket, list(lv.flat.partials))
+                combine(per_bucket, list(lv.flat.partials), list(lv.spaces))
             for b, r, values in zip(buckets, reds, per_bucket):
                 for i, v in zip(lv.computes, values):
                     r[i] = v.to(b.cdtype)
@@ -92,11 +98,19 @@ class Runner:
                 for b, env, r, a in zip(buckets, envs, reds, actives)]
 
     @staticmethod
-    def _reduce(b: Bucket, chunk_partials, how) -> list[torch.Tensor]:
-        """Each parameter's total of its chunks' partials: ``(P,)`` float64."""
-        return [torch.segment_reduce(x.to(torch.float64), "sum" if kind == "sum" else "max",
-                                     offsets=b.offsets, initial=0.0)
-                for x, kind in zip(chunk_partials, how)]
+    def _reduce(b: Bucket, chunk_partials, how, spaces) -> list[torch.Tensor]:
+        """Each parameter's total of its chunks' partials: ``(P,)`` float64;
+        for a reduction along rows each chunk's (a row's) partial as it is,
+        ``(nchunks,)``; along columns each parameter's column totals, ``(P, C)``."""
+        out = []
+        for x, kind, space in zip(chunk_partials, how, spaces or ("seg",) * len(how)):
+            if space == "row":
+                out.append(x.to(torch.float64))
+            else:
+                out.append(torch.segment_reduce(x.to(torch.float64),
+                                                "sum" if kind == "sum" else "max",
+                                                offsets=b.offsets, initial=0.0))
+        return out
 
     def globals(self, buckets: Sequence[Bucket], envs: Sequence[dict],
                 actives: Sequence[torch.Tensor], combine: Combiner | None) -> list[torch.Tensor]:
@@ -121,8 +135,10 @@ _CACHE: dict[tuple[CheckedProgram, bool], Runner] = {}
 
 
 def runner_for(program: CheckedProgram, compile: bool) -> Runner:
-    """The (cached) runner of ``program``: compiled once per program, not per optimizer."""
-    key = (program, compile)
+    """The (cached) runner of ``program``: compiled once per program, not per
+    optimizer. Programs that differ only in their ``for`` rules and name
+    (``lamb_per_head`` and ``lamb_rowwise``) have the same graphs and share one."""
+    key = (replace(program, rules=(), name=""), compile)
     runner = _CACHE.get(key)
     if runner is None:
         runner = _CACHE[key] = Runner(lower(program), compile)

@@ -82,34 +82,43 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def check_state_entry(p: torch.Tensor, key: str, value, layer: bool | None,
-                      where: str) -> None:
+def check_state_entry(p: torch.Tensor, key: str, value, kind: str | None,
+                      where: str, shape: tuple[int, ...] = ()) -> None:
     """Refuse a state value (from ``load_state_dict`` or assigned into
     ``optimizer.state[p]``) that does not fit the program and the parameter.
 
-    ``layer``: True for a layer state, False for an elem state, None for
-    ``step``. A layer state or ``step`` may be a number or a one-element
-    tensor; ``step`` must be a whole number >= 0; an elem state must be a real
-    floating tensor shaped like the parameter (a DTensor laid out like it, if
-    the parameter is one).
+    ``kind``: ``"layer"``, ``"elem"``, ``"row"`` or ``"col"`` for a state
+    of that kind, None for ``step``. A layer state or ``step`` may be a
+    number or a one-element tensor; ``step`` must be a whole number >= 0; an
+    elem state must be a real floating tensor shaped like the parameter (a
+    DTensor laid out like it, if the parameter is one); a row or col state a
+    real floating 1-D tensor of ``shape`` (``(rows,)`` or ``(cols,)``, after
+    the parameter's ``row_block``; a row state of a DTensor parameter laid
+    out like its dim 0, a col state a plain tensor).
 
     Raises:
         ValueError: naming the parameter and the key.
     """
     at = f"state '{key}' of parameter {where}"
-    if layer is None or layer:
+    if kind is None or kind == "layer":
         x = _number(value, at)
-        if layer is None and not (math.isfinite(x) and x >= 0 and x == int(x)):
+        if kind is None and not (math.isfinite(x) and x >= 0 and x == int(x)):
             raise ValueError(f"{at} is {x!r}; the step count must be a whole number >= 0")
         return
+    expected = tuple(p.shape) if kind == "elem" else tuple(shape)
+    what = "the parameter" if kind == "elem" else f"one number per {kind}"
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{at} is {type(value).__name__}, not a tensor shaped like the "
-                         f"parameter {tuple(p.shape)}")
+        raise ValueError(f"{at} is {type(value).__name__}, not a tensor of shape {expected} "
+                         f"({what})")
     if not value.is_floating_point():
         raise ValueError(f"{at} has dtype {value.dtype}; it must be floating point")
-    if tuple(value.shape) != tuple(p.shape):
-        raise ValueError(f"{at} has shape {tuple(value.shape)}, the parameter "
-                         f"{tuple(p.shape)}")
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{at} has shape {tuple(value.shape)}; it must be {expected} ({what})")
+    if kind == "col":
+        if is_dtensor(value):
+            raise ValueError(f"{at} is a DTensor; a col state is the same on every rank: give "
+                             "a plain tensor (value.full_tensor())")
+        return
     if is_dtensor(p) != is_dtensor(value) or (
             is_dtensor(p) and tuple(value.placements) != tuple(p.placements)):
         raise ValueError(f"{at} is laid out as {getattr(value, 'placements', 'a plain tensor')}"
