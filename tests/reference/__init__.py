@@ -18,6 +18,7 @@ from .base import ReferenceOptimizer, l2norm
 from .classic import Adam, AdamW, Lion, Sgd
 from .lamb_family import Lamb, LambC, NvLamb
 from .lars_family import Larc, Lars, LarsLambPaper
+from .units import Adafactor, LambRowwise
 from .variants import DeepSpeedLamb, KerasLamb, LambNoBiasCorrection, LarsClipped, RAdamLamb
 
 REFERENCES: dict[str, type[ReferenceOptimizer]] = {
@@ -31,6 +32,8 @@ REFERENCES: dict[str, type[ReferenceOptimizer]] = {
     "adamw": AdamW,
     "sgd": Sgd,
     "lion": Lion,
+    "adafactor": Adafactor,
+    "lamb_rowwise": LambRowwise,
 }
 
 #: the examples in examples/variants/ (NAME.lw), each a few declarations on
@@ -50,4 +53,4 @@ ADAPTATIONS = {"trust": Trust}
 __all__ = ["REFERENCES", "VARIANTS", "ADAPTATIONS", "ReferenceOptimizer", "l2norm", "Adam",
            "AdamW", "Sgd", "Lion", "Lamb", "LambC", "NvLamb", "Lars", "LarsLambPaper", "Larc",
            "Trust", "LambNoBiasCorrection", "KerasLamb", "DeepSpeedLamb", "RAdamLamb",
-           "LarsClipped"]
+           "LarsClipped", "Adafactor", "LambRowwise"]
