@@ -166,6 +166,7 @@ def row_block(rules: Sequence[Rule], matching: Sequence[int], info: ParamInfo) -
         for target, e in rules[i].assigns:
             if target == "row_block":
                 block = evaluate(e, info.env())
-    if not (block >= 1 and block == int(block)) or info.rows % int(block):
+    if not (math.isfinite(block) and block >= 1 and block == int(block)) \
+            or info.rows % int(block):
         raise ValueError(f"row_block {block:g} does not divide its dim 0 of size {info.rows}")
     return int(block)
