@@ -63,9 +63,8 @@ BUILTINS: dict[str, Builtin] = {
 PREDEFINED = {"w": "the parameter", "g": "its gradient", "t": "this parameter's step count"}
 
 #: The parameter's shape numbers steps and state inits may read (section 10):
-#: layer-kind, read-only, following its ``row_block``. A program that declares
-#: a hyper, state or def of one of these names keeps it (version 1 programs
-#: keep their meaning).
+#: layer-kind, read-only, following its ``row_block``. A program may not
+#: declare a hyper, state or def of one of these names (it must rename it).
 PARAM_NAMES = ("rows", "cols", "ndim")
 
 #: The layer reductions: each takes an optional last argument, a unit.

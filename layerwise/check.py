@@ -226,6 +226,7 @@ class _Checker:
 
     # ------------------------------------------------------------ driver
     def run(self) -> CheckedProgram:
+        self.check_reserved_declarations()
         hypers = self.check_hypers()
         self.check_recursion()
         states = self.check_states()
@@ -239,6 +240,21 @@ class _Checker:
             hypers = (ADAPTATION_LR, *hypers)
         return CheckedProgram(self.d.name, hypers, states, rules, watches, step, self.filename,
                               "adaptation" if self.adaptation else "optimizer")
+
+    def check_reserved_declarations(self) -> None:
+        """``rows``, ``cols``, ``ndim`` are predefined and ``row_block`` is set
+        only in ``for`` rules (section 10): a hyper, state or def of one of
+        these names is an error (the contract: "must rename it")."""
+        for what, decls in (("hyper", self.d.hypers), ("state", self.d.states),
+                            ("def", self.d.defs)):
+            for name, decl in decls.items():
+                if name in PARAM_NAMES:
+                    self.bad(decl.span, f"'{name}' is predefined (the parameter's "
+                                        f"{_PARAM_WORDS[name]}, LANGUAGE.md section 10); "
+                                        f"rename this {what}")
+                elif name == "row_block":
+                    self.bad(decl.span, "'row_block' is set only in for rules (LANGUAGE.md "
+                                        f"section 10); rename this {what}")
 
     # ------------------------------------------------------------ hypers
     def check_hypers(self) -> tuple[Hyper, ...]:
@@ -301,11 +317,8 @@ class _Checker:
 
     # ------------------------------------------------------------ states
     def param_names(self) -> dict[str, str]:
-        """``rows``, ``cols``, ``ndim`` (layer-kind), unless the program
-        declares a hyper, state or def of that name (section 10)."""
-        d = self.d
-        return {n: "layer" for n in PARAM_NAMES
-                if n not in d.hypers and n not in d.states and n not in d.defs}
+        """``rows``, ``cols``, ``ndim``: layer-kind (section 10)."""
+        return {n: "layer" for n in PARAM_NAMES}
 
     def check_states(self) -> tuple[State, ...]:
         env = {"w": "elem", **self.param_names(), **{h: "const" for h in self.d.hypers}}
@@ -467,6 +480,9 @@ class _Checker:
             self.bad(a.span, "'t' (the step count) is read-only")
         elif name in self.param_names():
             self.bad(a.span, f"'{name}' (the parameter's {_PARAM_WORDS[name]}) is read-only")
+        elif name == "row_block":
+            self.bad(a.span, "row_block may be set only in for rules (LANGUAGE.md section 10); "
+                             "in a step it would change nothing")
         elif self.adaptation and name in ("u", "lr"):
             self.bad(a.span, f"'{name}' is read-only in an adaptation (it is "
                              + ("the base's update per unit of learning rate" if name == "u"
@@ -547,6 +563,10 @@ class _Checker:
                              f"'{e.id}' is not available there", sc)
         elif e.id in sc.later:
             self.bad(e.span, f"'{e.id}' is used before it is assigned", sc)
+        elif sc.context == "rule" and e.id in ("w", "g", "t", *self.d.states):
+            self.bad(e.span, f"a for rule's value is one number per parameter, computed before "
+                             f"the step; '{e.id}' is not available there (it may use numbers, "
+                             "hypers, ndim, numel, rows and cols)", sc)
         else:
             known = [*sc.env, *sc.subst, *self.d.defs]
             self.bad(e.span, f"unknown name '{e.id}'" + suggest(e.id, known), sc)
