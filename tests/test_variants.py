@@ -36,6 +36,7 @@ from layerwise.syntax import DefDecl, OptimizerDecl, StepDecl, parse_text
 from reference import VARIANTS, Lamb, NvLamb
 from reference.problem import SHAPES, SOMETIMES, make_problem, rel_err
 from reference.variants import DeepSpeedLamb, radam_rho
+from test_presets import run_layerwise
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "variants"
@@ -101,20 +102,6 @@ def run_reference(cls, params, grads, **hypers):
     for g in grads:
         opt.step(g)
         history.append(copy.deepcopy(params))
-    return history, opt
-
-
-def run_layerwise(spec, params, grads, dtype=torch.float64, compile=False, **hypers):
-    """lw.Optimizer through the torch.optim API: (params after each step, optimizer)."""
-    tensors = {n: torch.nn.Parameter(torch.tensor(v, dtype=dtype)) for n, v in params.items()}
-    opt = lw.Optimizer(list(tensors.items()), spec, compile=compile, **hypers)
-    history = []
-    for g in grads:
-        for n, p in tensors.items():
-            p.grad = None if g[n] is None else torch.tensor(g[n], dtype=dtype)
-        opt.step()
-        history.append({n: p.detach().to(torch.float64).numpy().copy()
-                        for n, p in tensors.items()})
     return history, opt
 
 

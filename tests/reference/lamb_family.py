@@ -41,7 +41,9 @@ class Lamb(ReferenceOptimizer):
     def trust_ratio(self, w_norm: float, u_norm: float, h) -> float:
         return _ratio(w_norm, u_norm)
 
-    def update(self, w, g, state, t, h, context, name):
+    def direction(self, w, g, state, t, h):
+        """LAMB's update direction u (Algorithm 2): the bias-corrected Adam
+        ratio plus weight decay; updates the moments m and v in ``state``."""
         m = state.setdefault("m", np.zeros_like(w))
         v = state.setdefault("v", np.zeros_like(w))
         b1, b2 = h["beta1"], h["beta2"]
@@ -50,7 +52,10 @@ class Lamb(ReferenceOptimizer):
         m_hat = m / (1 - b1 ** t)
         v_hat = v / (1 - b2 ** t)
         r = m_hat / (np.sqrt(v_hat) + h["eps"])
-        u = r + h["weight_decay"] * w
+        return r + h["weight_decay"] * w
+
+    def update(self, w, g, state, t, h, context, name):
+        u = self.direction(w, g, state, t, h)
         tr = self.trust_ratio(l2norm(w), l2norm(u), h)
         self.last_direction[name] = u
         w[...] = w - h["lr"] * tr * u

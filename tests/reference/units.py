@@ -93,13 +93,7 @@ class LambRowwise(Lamb):
         self.blocks = dict(blocks or {})
 
     def update(self, w, g, state, t, h, context, name):
-        m = state.setdefault("m", np.zeros_like(w))
-        v = state.setdefault("v", np.zeros_like(w))
-        b1, b2 = h["beta1"], h["beta2"]
-        m[...] = b1 * m + (1 - b1) * g
-        v[...] = b2 * v + (1 - b2) * g * g
-        r = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + h["eps"])
-        u = r + h["weight_decay"] * w
+        u = self.direction(w, g, state, t, h)
         block = self.blocks.get(name, 1)
         x, um = as_matrix(w, block), as_matrix(u, block)
         wn = np.sqrt((x * x).sum(axis=1))
