@@ -218,13 +218,16 @@ def col_partial(x: torch.Tensor, mask, reduce: str) -> torch.Tensor:
     return torch.where(mask, y, 0)
 
 
-def value_partial(x: torch.Tensor, target: str) -> torch.Tensor:
+def value_partial(x: torch.Tensor, target: str, y: torch.Tensor | None = None) -> torch.Tensor:
     """The partial of a layer reduction of a row value ``(nchunks, 1)``: per
     chunk (one row), the value (``target="sum"``), its square (``"sumsq"``),
-    its absolute value (``"max_abs"``) or, with ``y``, ... as ``(nchunks,)``."""
+    its absolute value (``"max_abs"``) or, with the row value ``y``, the
+    product (``"dot"``; ``y`` may be a number), as ``(nchunks,)``."""
     v = x[:, 0]
     if target == "sumsq":
         return v * v
     if target == "max_abs":
         return torch.abs(v)
+    if target == "dot":
+        return v * (y[:, 0] if isinstance(y, torch.Tensor) and y.dim() == 2 else y)
     return v + 0 if target == "sum" else v

@@ -66,7 +66,8 @@ _ALONG = {ops.row_sum: ("row", "sum"), ops.row_max_abs: ("row", "max"),
           ops.col_sum: ("col", "sum"), ops.col_max_abs: ("col", "max")}
 
 #: Layer reductions of a row value: the per-chunk partial of each.
-_VALUE = {ops.sumsq: "sumsq", torch.sum: "sum", ops.max_abs: "max_abs"}
+_VALUE = {ops.sumsq: "sumsq", torch.sum: "sum", ops.max_abs: "max_abs",
+          ops.dot: "dot"}
 
 #: Vec-graph versions of the ops on col values.
 _COL_OPS = {ops.col_total: flat_ops.col_total, ops.col_max: flat_ops.col_max,
@@ -199,6 +200,8 @@ def flatten(gm: fx.GraphModule, roles: list[Role], elem_inputs: set[str] | dict[
     cols = {n for n, sp in space.items() if sp == "col"}
     partial_nodes = {v for v, r in zip(outs, roles) if r.kind == "partial"}
     for v in partial_nodes:
+        if v.target is ops.dot and v.args[0] not in elem and v.args[1] in elem:
+            v.args = (v.args[1], v.args[0])    # dot(2, g): the per-element operand first
         assert v.target in PARTIALS or v.target in _ALONG, v.format_node()
         assert v.args[0] in elem, v.format_node()
     needed: set[fx.Node] = set()
@@ -279,7 +282,8 @@ def flatten(gm: fx.GraphModule, roles: list[Role], elem_inputs: set[str] | dict[
             if space[n.args[0]] == "row":
                 # a layer reduction of a row value: the value is the chunk's partial
                 assert n.target in _VALUE, n.format_node()
-                eenv[n] = eg.call_function(flat_ops.value_partial, (args[0], _VALUE[n.target]))
+                eenv[n] = eg.call_function(flat_ops.value_partial,
+                                           (args[0], _VALUE[n.target], *args[1:]))
                 continue
             if mask is None:
                 mask = eg.call_function(flat_ops.chunk_mask, (valid, chunk)) if chunk \
