@@ -4,9 +4,11 @@ shards whose partials are combined (as under FSDP2), on the presets and on
 random programs; and the split that writes early states (``split_early``) likewise."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import layerwise as lw
 from layerwise.lower import lower
@@ -184,3 +186,26 @@ def test_program_names_never_clash_with_internal_placeholders():
     lw.Optimizer([p], lw.parse(CLASH), compile=False).step()
     want = w0 - 0.5 * 0.5 * g / (g.norm() + g.norm() * 2)
     torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=6), cols=st.integers(1, 9),
+       seed=st.integers(0, 2**31 - 1))
+def test_segment_columns_equals_numpy_per_segment(counts, cols, seed):
+    """The column totals and maxima of each segment's chunks (the runtime's
+    reduction along columns), against NumPy on each segment's rows; empty
+    segments give zeros."""
+    from layerwise.runtime.flat_ops import segment_columns
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(counts)
+    x = torch.randn(n, cols, generator=gen, dtype=torch.float64)
+    counts_t = torch.tensor(counts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts_t.cumsum(0)])
+    seg = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    total = segment_columns(x, seg, offsets, len(counts), "sum")
+    peak = segment_columns(x.abs(), seg, offsets, len(counts), "max")
+    xs = x.numpy()
+    for i, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        np.testing.assert_allclose(total[i].numpy(), xs[a:b].sum(axis=0), rtol=1e-12, atol=1e-12)
+        want = np.abs(xs[a:b]).max(axis=0) if b > a else np.zeros(cols)
+        np.testing.assert_array_equal(peak[i].numpy(), want)

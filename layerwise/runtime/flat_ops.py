@@ -35,6 +35,7 @@ import torch
 __all__ = ["PartialRows", "per_chunk", "gather", "chunk_mask", "row_sum", "row_sumsq", "row_dot",
            "row_max_abs", "write", "write_vec", "chunk_mask_like", "as_col", "col_mask",
            "col_total", "col_max", "col_fill", "col_gather", "row_partial", "col_partial",
+           "segment_columns",
            "value_partial"]
 
 
@@ -206,9 +207,10 @@ def row_partial(x: torch.Tensor, mask, reduce: str) -> torch.Tensor:
 
 def col_partial(x: torch.Tensor, mask, reduce: str) -> torch.Tensor:
     """The partial of a reduction along columns: ``x`` (or ``|x|`` for
-    ``reduce="max"``) with padding set to 0, ``(nchunks, C)``; the runtime
-    reduces it over each segment's chunks."""
-    y = torch.abs(x) if reduce == "max" else x
+    ``reduce="max"``) with padding set to 0, ``(nchunks, C)`` float64 (the
+    conversion fused into the pass that computes ``x``); the runtime reduces
+    it over each segment's chunks (:func:`segment_columns`)."""
+    y = (torch.abs(x) if reduce == "max" else x).to(torch.float64)
     if isinstance(mask, PartialRows):
         if not mask.index.numel():
             return y.clone() if y is x else y
@@ -216,6 +218,27 @@ def col_partial(x: torch.Tensor, mask, reduce: str) -> torch.Tensor:
         y[mask.index] = torch.where(mask.mask, y[mask.index], 0)
         return y
     return torch.where(mask, y, 0)
+
+
+def segment_columns(x: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor, nseg: int,
+                    reduce: str) -> torch.Tensor:
+    """Each segment's column totals (``reduce="sum"``) or maxima (``"max"``,
+    of values >= 0) of the ``(nchunks, C)`` float64 partial ``x``:
+    ``(nseg, C)``. ``seg`` ``(nchunks,)`` maps chunks to segments, whose chunks
+    are consecutive (``offsets`` ``(nseg + 1,)``).
+
+    Deterministic on every device: on the CPU ``index_add_`` /
+    ``index_reduce_`` (sequential in chunk order, multithreaded over columns:
+    ~30x faster than ``segment_reduce`` along dim 0 of a BERT embedding's
+    partial); elsewhere ``segment_reduce`` (``index_add_`` would use atomic
+    adds whose order varies)."""
+    if x.device.type == "cpu":
+        out = x.new_zeros(nseg, x.shape[1])
+        if reduce == "sum":
+            return out.index_add_(0, seg, x)
+        return out.index_reduce_(0, seg, x, "amax", include_self=True)
+    return torch.segment_reduce(x, "sum" if reduce == "sum" else "max", offsets=offsets,
+                                initial=0.0)
 
 
 def value_partial(x: torch.Tensor, target: str, y: torch.Tensor | None = None) -> torch.Tensor:

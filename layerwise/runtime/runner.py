@@ -25,6 +25,7 @@ import torch
 from ..check import CheckedProgram
 from ..lower import Lowered, finish_globals, lower
 from .distributed import Combiner
+from . import flat_ops
 from .execute import eager_block, pass_function
 from .layout import CHUNK, Bucket
 from .procedure import Pass, Procedure, procedures
@@ -106,6 +107,9 @@ class Runner:
         for x, kind, space in zip(chunk_partials, how, spaces or ("seg",) * len(how)):
             if space == "row":
                 out.append(x.to(torch.float64))
+            elif space == "col":
+                out.append(flat_ops.segment_columns(x, b.seg, b.offsets, len(b.offsets) - 1,
+                                                    "sum" if kind == "sum" else "max"))
             else:
                 out.append(torch.segment_reduce(x.to(torch.float64),
                                                 "sum" if kind == "sum" else "max",
