@@ -74,6 +74,29 @@ def _targets(results: list[dict], probes: dict) -> list[str]:
     return out + [""]
 
 
+def _units(results: list[dict]) -> list[str]:
+    """The programs with units (issue 12) next to lamb, paired ratios."""
+    out = []
+    for r in results:
+        rows = [(label, m) for label, m in r["methods"].items() if "vs_lamb" in m]
+        if not rows:
+            continue
+        out += [f"## Units (LANGUAGE.md section 10) next to lamb: {TITLES.get(r['set'], r['set'])}",
+                "", "Paired, per repeat, with the compiled `lamb` step and the fused AdamW "
+                "step of the same group; median (min-max).", "",
+                "| method | median ms | / lamb (compiled) | / AdamW (fused) |",
+                "| --- | ---: | ---: | ---: |"]
+        for label, m in rows:
+            a, b = m["vs_lamb"], m["vs_anchor"]
+            if m["anchor"] == label:
+                continue
+            out.append(f"| {label} | {m['median_s'] * 1e3:.2f} | {a['median']:.2f} "
+                       f"({a['min']:.2f}-{a['max']:.2f}) | {b['median']:.2f} "
+                       f"({b['min']:.2f}-{b['max']:.2f}) |")
+        out.append("")
+    return out
+
+
 def _probes(probes: dict) -> list[str]:
     out = []
     c = probes.get("compile_s")
@@ -115,6 +138,7 @@ def markdown(results: list[dict], probes: dict, device: str, argv: str) -> str:
              "float32. Methods were timed in groups, interleaved (each repeat steps every "
              "method of the group once, in turn); ratios are per repeat, side by side.", ""]
     lines += _targets(results, probes)
+    lines += _units(results)
     for r in results:
         lines += _table(r)
     lines += _probes(probes)

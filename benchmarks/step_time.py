@@ -15,7 +15,10 @@ its group's torch.optim AdamW (and, in the first group, to the floor) is
 taken per repeat from steps run back to back, then summarised by its median:
 a machine whose speed drifts (these are shared) moves both alike.
 
-Methods: layerwise ``lamb`` and ``lars``, compiled and eager; torch.optim
+Methods: layerwise ``lamb`` and ``lars``, compiled and eager; the programs
+with units (``lamb_rowwise``: a trust ratio per row; ``adafactor``: factored
+row and column second moments), compiled and eager, paired with compiled
+``lamb`` as well as with AdamW; torch.optim
 AdamW with ``fused=True`` and ``foreach=True`` (the anchors of issue 11);
 third-party LAMB/LARS (pytorch_optimizer, torch_optimizer; apex FusedLAMB on
 CUDA when installed); and "fresh gradients" rows: a new ``.grad`` tensor
@@ -50,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from report import markdown  # noqa: E402
 
+UNITS_LAMB = "layerwise lamb (compiled), beside the units"
 SETS = {"small": (512, 4), "base": (768, 12), "large": (1024, 24), "many": None}
 
 
@@ -111,7 +115,14 @@ def methods(device: str) -> list[list[tuple[str, bool, callable]]]:
                ("torch.optim.AdamW (fused), fresh gradients", True, adamw(fused=True))],
               [("layerwise lars (compiled)", False, lw_opt("lars", True)),
                ("layerwise lars (eager)", False, lw_opt("lars", False)),
-               ("torch.optim.AdamW (fused), beside lars", False, adamw(fused=True))]]
+               ("torch.optim.AdamW (fused), beside lars", False, adamw(fused=True))],
+              # programs with units (LANGUAGE.md section 10), paired with lamb too
+              [(UNITS_LAMB, False, lw_opt("lamb", True)),
+               ("layerwise lamb_rowwise (compiled)", False, lw_opt("lamb_rowwise", True)),
+               ("layerwise adafactor (compiled)", False, lw_opt("adafactor", True)),
+               ("layerwise lamb_rowwise (eager)", False, lw_opt("lamb_rowwise", False)),
+               ("layerwise adafactor (eager)", False, lw_opt("adafactor", False)),
+               ("torch.optim.AdamW (fused), beside the units", False, adamw(fused=True))]]
     others = []
     try:
         import pytorch_optimizer as po
@@ -210,6 +221,8 @@ def run_set(name: str, device: str, warmup: int, repeats: int, only: set[str] | 
                    "vs_anchor": _paired(ts, timed[anchor])}
             if "floor" in timed:
                 row["vs_floor"] = _paired(ts, timed["floor"])
+            if UNITS_LAMB in timed and label != UNITS_LAMB:
+                row["vs_lamb"] = _paired(ts, timed[UNITS_LAMB])
             out["methods"][label] = row
             print(f"{name:5s} {label:50s} median {row['median_s'] * 1e3:9.2f} ms, "
                   f"x{row['vs_anchor']['median']:.2f} paired with {anchor}",
