@@ -595,6 +595,19 @@ class _Checker:
             self.bad(e.span, f"unknown function '{e.func}'" + suggest(e.func, known), sc)
             return None
         unit = _unit_arg(e) if b.category == "layer" and len(e.args) == b.arity + 1 else None
+        last = e.args[-1] if e.args else None
+        if b.category == "layer" and isinstance(last, Name) and len(e.args) == b.arity + 1 \
+                and unit is None:
+            self.bad(last.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)} "
+                                f"and an optional unit (row or col); '{last.id}' is not a unit"
+                     + suggest(last.id, UNITS), sc)
+            return None
+        if b.category == "layer" and isinstance(last, Name) and last.id in UNITS \
+                and len(e.args) == b.arity and b.arity > 1 and last.id not in sc.env:
+            self.bad(last.span, f"'{last.id}' is a unit here, so {e.func}() has only "
+                                f"{b.arity - 1} operand{'s' * (b.arity != 2)}; it takes "
+                                f"{b.arity} and an optional unit", sc)
+            return None
         if len(e.args) != b.arity and unit is None:
             more = " and an optional unit (row or col)" if b.category == "layer" else ""
             self.bad(e.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)}"
