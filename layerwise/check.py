@@ -460,8 +460,8 @@ class _Checker:
             if state is not None and not narrower(value.kind, state.kind):
                 self.bad(a.value.span, f"{state.kind} state '{a.target}' holds "
                                        f"{_PER[state.kind]}; this value is "
-                                       f"{_kind_of(value.kind)}" + _reduce_hint(state.kind,
-                                                                                value.kind))
+                                       f"{_kind_of(value.kind)}"
+                         + (_outer(value) or _reduce_hint(state.kind, value.kind)))
                 continue
             if state is None and a.target != "g" and a.target != "w":
                 env[a.target] = value.kind
@@ -687,6 +687,24 @@ def _unit_arg(e: Call) -> Name | None:
     """The unit (``row`` / ``col``) ending a reduction's arguments, or None."""
     last = e.args[-1] if e.args else None
     return last if isinstance(last, Name) and last.id in UNITS else None
+
+
+def _outer(value: Expr) -> str:
+    """Why a value with no per-element operand is ``elem``: it mixes a row and
+    a col value (section 10: their outer product)."""
+    def operands(e):           # leaves and reductions: what the value is built from
+        if not children(e) or (isinstance(e, Call) and e.func in BUILTINS
+                                and BUILTINS[e.func].category != "elementwise"):
+            yield getattr(e, "kind", None)
+        else:
+            for c in children(e):
+                yield from operands(c)
+
+    kinds = set(operands(value))
+    if value.kind == "elem" and "elem" not in kinds and {"row", "col"} <= kinds:
+        return (": it combines a row value with a col value, which gives their outer "
+                "product (one per element)")
+    return ""
 
 
 def _reduce_hint(target: str, kind: str) -> str:
