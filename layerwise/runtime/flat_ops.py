@@ -228,7 +228,7 @@ def segment_columns(x: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor, n
     are consecutive (``offsets`` ``(nseg + 1,)``).
 
     Deterministic on every device: on the CPU ``index_add_`` /
-    ``index_reduce_`` (sequential in chunk order, multithreaded over columns:
+    ``scatter_reduce_`` (sequential in chunk order, multithreaded over columns:
     ~30x faster than ``segment_reduce`` along dim 0 of a BERT embedding's
     partial); elsewhere ``segment_reduce`` (``index_add_`` would use atomic
     adds whose order varies)."""
@@ -236,7 +236,7 @@ def segment_columns(x: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor, n
         out = x.new_zeros(nseg, x.shape[1])
         if reduce == "sum":
             return out.index_add_(0, seg, x)
-        return out.index_reduce_(0, seg, x, "amax", include_self=True)
+        return out.scatter_reduce_(0, seg.unsqueeze(1).expand_as(x), x, "amax")
     return torch.segment_reduce(x, "sum" if reduce == "sum" else "max", offsets=offsets,
                                 initial=0.0)
 
