@@ -140,7 +140,8 @@ def adapt_spec(spec: Spec, adaptation: Spec | str) -> Spec:
 
     Raises:
         FileNotFoundError, SpecError: ``adaptation`` is missing or does not check.
-        SpecError: it clashes with ``spec`` (a hyper, state or watched name of both).
+        SpecError: it clashes with ``spec`` (a hyper or state of both), or ``spec``
+            has no ``lr``.
         ValueError: ``adaptation`` is an optimizer, not an adaptation.
     """
     base = Optimizer([torch.zeros(1, requires_grad=True)], spec, compile=False)

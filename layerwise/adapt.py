@@ -75,7 +75,8 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
 
     Raises:
         ValueError: ``adaptation`` is not an adaptation, it clashes with the
-            base program (a hyper, state or watched name of both), or an
+            base program (a hyper or state of both; a watched local of both is
+            kept, the adaptation's renamed ``adapt_NAME``), or an
             ``lw.Optimizer`` base has already stepped.
         SpecError: the adaptation does not check.
     """

@@ -14,8 +14,10 @@ learning rates) ``u`` is the difference, 0 where ``lr`` is 0, and the
 composite carries a note that ``layerwise check`` prints. Where ``lr`` is 0
 the step leaves ``w`` unchanged.
 
-The adaptation's hypers, states and watches are added to the base's; a name
-declared by both is an error at the ``adapt`` declaration.
+The adaptation's hypers, states and watches are added to the base's; a hyper
+or state declared by both is an error at the ``adapt`` declaration. A local
+of the adaptation that the base watches (``tr`` of ``trust`` on ``lars``) is
+renamed ``adapt_NAME``, its watch too, so both series are recorded.
 """
 from __future__ import annotations
 
@@ -177,7 +179,7 @@ def adapted(base: CheckedProgram, decl: AdaptDecl, filename: str,
 
     Raises:
         SpecError: the adaptation does not load or check, or it declares a
-            hyper, state or watch the base also has, or the base has no ``lr``.
+            hyper or state the base also has, or the base has no ``lr``.
     """
     return compose(base, load_adaptation(decl, filename), decl.span, main)
 
@@ -197,8 +199,7 @@ def compose(base: CheckedProgram, ad: CheckedProgram, span: Span,
                                            "reads the base's update per unit of lr"))
     for what, mine, theirs in (
             ("hyper", base_hypers, [h.name for h in ad.hypers if h.name != "lr"]),
-            ("state", {s.name for s in base.states}, [s.name for s in ad.states]),
-            ("watched name", set(base.watches), list(ad.watches))):
+            ("state", {s.name for s in base.states}, [s.name for s in ad.states])):
         for n in theirs:
             if n in mine:
                 problems.append(Problem(span, f"{what} '{n}' of adaptation '{ad.name}' "
@@ -206,17 +207,26 @@ def compose(base: CheckedProgram, ad: CheckedProgram, span: Span,
     if problems:
         raise SpecError(problems, main=main)
 
+    # the adaptation's locals that the base watches (lars and trust both watch
+    # 'tr') renamed 'adapt_NAME', watches included, so both series are kept
+    base_states = {s.name for s in base.states}
+    taken = {"w", "g", "t", "lr", "u", *base_hypers, *base_states,
+             *(a.target for a in base.step), *(a.target for a in ad.step),
+             *(h.name for h in ad.hypers), *(s.name for s in ad.states)}
+    ad_states = {s.name for s in ad.states}
+    clash = [n for n in base.watches if n in ad_states]
+    if clash:
+        raise SpecError([Problem(span, f"'{clash[0]}' is watched by '{base.name}' and is a "
+                                            f"state of adaptation '{ad.name}'")], main=main)
+    ad_renamed = {n: _fresh(f"adapt_{n}", taken)
+                  for n in dict.fromkeys(a.target for a in ad.step) if n in base.watches}
+    ad_step = [replace(a, target=ad_renamed.get(a.target, a.target),
+                       value=_rename(a.value, ad_renamed)) for a in ad.step]
+    ad_watches = tuple(ad_renamed.get(n, n) for n in ad.watches)
+
     # the base step: its w (and a rebound g) assigned to locals of their own,
     # its locals that the adaptation also uses renamed
-    ad_names = {"u", *(a.target for a in ad.step)}
-    base_states = {s.name for s in base.states}
-    clash = [n for n in base.watches if n in ad_names]
-    if clash:
-        raise SpecError([Problem(span, f"'{clash[0]}' is watched by '{base.name}' and "
-                                            f"assigned by adaptation '{ad.name}'")], main=main)
-    taken = {"w", "g", "t", "lr", *base_hypers, *base_states, *ad_names,
-             *(a.target for a in base.step), *(h.name for h in ad.hypers),
-             *(s.name for s in ad.states)}
+    ad_names = {"u", *(a.target for a in ad_step)}
     names: dict[str, str] = {}
     step: list[Assign] = []
     env: dict = {}
@@ -252,15 +262,15 @@ def compose(base: CheckedProgram, ad: CheckedProgram, span: Span,
     step.append(Assign("u", u_value))
 
     # the adaptation's step, as written (where lr is 0 it leaves w unchanged)
-    w_targets = [i for i, a in enumerate(ad.step) if a.target == "w"]
-    for i, a in enumerate(ad.step):
+    w_targets = [i for i, a in enumerate(ad_step) if a.target == "w"]
+    for i, a in enumerate(ad_step):
         value = a.value
         if w_targets == [i]:
             value = Call("where", (_bin("==", lr, _ZERO), w, value), "elem")
         step.append(replace(a, value=value))
     return replace(base, hypers=(*base.hypers, *(h for h in ad.hypers if h.name != "lr")),
                    states=(*base.states, *ad.states), rules=(*base.rules, *ad.rules),
-                   watches=(*base.watches, *ad.watches), step=tuple(step),
+                   watches=(*base.watches, *ad_watches), step=tuple(step),
                    notes=(*base.notes, *notes))
 
 

@@ -230,9 +230,8 @@ def test_tables_of_rows_without_adaptation_still_load():
     assert "| sgd | trust | linear | 0.1 | **70.0 (1.000)** | 40.0 (1.000) |" in md
 
 
-# an optimizer that watches a 'tr' of its own (as lars does): trust cannot be applied to it
-WATCHER = ("optimizer sgd_tr\nhyper lr = 0.1 in [0, inf)\nwatch tr\n"
-           "step {\n  tr = norm(w)\n  w = w - lr * g\n}\n")
+# an optimizer without an lr: no adaptation can be applied to it
+NO_LR = "optimizer sgd_eta\nhyper eta = 0.1 in [0, inf)\nstep {\n  w = w - eta * g\n}\n"
 
 BAD_ADAPT = {   # --adapt (and related) values -> a phrase of the one-line error
     "unknown name": (["--adapt", "none", "trsut"],
@@ -243,8 +242,8 @@ BAD_ADAPT = {   # --adapt (and related) values -> a phrase of the one-line error
                        "'my_sgd' is an optimizer, not an adaptation"),
     "bad adaptation file": (["--adapt", "{bad}"], "bad_adapt.lw:3:16: unknown name 'uu'"),
     "given twice": (["--adapt", "trust", "none", "trust"], "--adapt 'trust' is given twice"),
-    "clash": (["--optimizer", "adamw", "{watcher}", "--adapt", "none", "trust"],
-              "--adapt trust cannot be applied to sgd_tr: watched name 'tr'"),
+    "no lr": (["--optimizer", "adamw", "{no_lr}", "--adapt", "none", "trust"],
+              "--adapt trust cannot be applied to sgd_eta: 'sgd_eta' has no hyper 'lr'"),
     "adaptation as optimizer": (["--optimizer", "trust"],
                                 ("'trust' is an adaptation, not an optimizer: give it with "
                                  "--adapt trust")),
@@ -257,13 +256,13 @@ BAD_ADAPT = {   # --adapt (and related) values -> a phrase of the one-line error
 def test_bad_adapt_is_one_line_before_anything_runs(case, capsys, tmp_path):
     (tmp_path / "my_sgd.lw").write_text("optimizer my_sgd extends sgd\n")
     (tmp_path / "bad_adapt.lw").write_text("adaptation bad\nstep {\n  w = w - lr * uu\n}\n")
-    (tmp_path / "sgd_tr.lw").write_text(WATCHER)
+    (tmp_path / "sgd_eta.lw").write_text(NO_LR)
     args, phrase = BAD_ADAPT[case]
     if "--optimizer" not in args:
         args = ["--optimizer", "adamw", *args]
     args = [a.replace("{opt}", str(tmp_path / "my_sgd.lw"))
             .replace("{bad}", str(tmp_path / "bad_adapt.lw"))
-            .replace("{watcher}", str(tmp_path / "sgd_tr.lw")) for a in args]
+            .replace("{no_lr}", str(tmp_path / "sgd_eta.lw")) for a in args]
     code = main(["ablate", "--task", "digits", "--batch-size", "8", "--max-steps", "1",
                  "--jobs", "1", "--quiet", "--out", str(tmp_path / "a"), *args])
     out, err = capsys.readouterr()
@@ -279,9 +278,11 @@ def test_bad_adapt_from_python():
         make_adaptations(["lamb"])
     with pytest.raises(ValueError, match="'nope' is neither 'none'"):
         make_variants(["adamw"], adaptations=["nope"])
-    watcher = lw.parse(WATCHER, "sgd_tr.lw")
-    with pytest.raises(ValueError, match="--adapt trust cannot be applied to sgd_tr: watched "
-                                         "name 'tr' of adaptation 'trust' is also"):
-        make_variants([watcher, "adamw"], adaptations=["none", "trust"])
-    with pytest.raises(lw.SpecError, match="watched name 'tr'"):
-        adapt_spec(watcher, "trust")
+    no_lr = lw.parse(NO_LR, "sgd_eta.lw")
+    with pytest.raises(ValueError, match="--adapt trust cannot be applied to sgd_eta: 'sgd_eta' "
+                                         "has no hyper 'lr'"):
+        make_variants([no_lr, "adamw"], adaptations=["none", "trust"])
+    with pytest.raises(lw.SpecError, match="has no hyper 'lr'"):
+        adapt_spec(no_lr, "trust")
+    # lars watches a 'tr' of its own, as trust does: the adaptation's is 'adapt_tr'
+    assert adapt_spec(lw.load("lars"), "trust").program.watches == ("tr", "adapt_tr")
