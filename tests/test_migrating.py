@@ -47,6 +47,11 @@ def _torch_optimizer_lamb(**kw):
     return lambda ps: torch_optimizer.Lamb(ps, **kw)
 
 
+def _pytorch_optimizer_lamb(**kw):
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    return lambda ps: pytorch_optimizer.Lamb(ps, **kw)
+
+
 # (row id, theirs, program or preset, our hypers)
 ROWS = [
     ("torch_optimizer.Lamb()", _torch_optimizer_lamb(), "torch_optimizer_lamb", {}),
@@ -56,6 +61,10 @@ ROWS = [
     ("torch_optimizer.Lamb(debias=True, weight_decay=0.01)",
      _torch_optimizer_lamb(debias=True, weight_decay=0.01), "torch_optimizer_lamb_debias",
      {"weight_decay": 0.01}),
+    ("pytorch_optimizer.Lamb()", _pytorch_optimizer_lamb(), "pytorch_optimizer_lamb", {}),
+    ("pytorch_optimizer.Lamb(weight_decay=0.01, lr=0.01)",
+     _pytorch_optimizer_lamb(weight_decay=0.01, lr=0.01), "pytorch_optimizer_lamb",
+     {"weight_decay": 0.01, "lr": 0.01}),
     ("torch.optim.AdamW()", lambda ps: torch.optim.AdamW(ps, foreach=False), "adamw", {}),
     ("torch.optim.SGD(momentum=0.9, nesterov=True)",
      lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, foreach=False), "sgd",
