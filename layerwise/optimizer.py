@@ -70,8 +70,31 @@ class Optimizer(torch.optim.Optimizer):
         spec: a :class:`layerwise.Spec`, a preset name (``"lamb"``) or a
             path to a ``.lw`` file.
         compile: run the step through ``torch.compile`` (default) or
-            eagerly; both run the same ``torch.fx`` graphs.
-        **hypers: defaults for the program's hyperparameters (``lr=2e-3``).
+            eagerly; both run the same ``torch.fx`` graphs. The first step
+            then pays for compiling: a cold ``torch.compile`` takes 10-30 s
+            on a 2-core CPU, a few seconds with a warm inductor cache. It is
+            paid once per program (optimizers of the same program share the
+            compiled step) and not again when hyper values change (a
+            scheduler's ``lr``): they reach the step as tensors.
+        **hypers: defaults for the program's hyperparameters (``lr=2e-3``);
+            ``betas=(beta1, beta2)`` too if it has ``beta1`` and ``beta2``.
+
+    torch conventions: a program with hypers ``beta1`` and ``beta2`` also takes
+    ``betas=(beta1, beta2)`` (as a keyword argument or a param-group key, each
+    checked against the ranges of ``beta1`` and ``beta2``; giving it beside a
+    disagreeing ``beta1`` or ``beta2`` is an error), and reports ``betas`` in
+    ``defaults`` and in every param group, so OneCycleLR / CyclicLR with
+    ``cycle_momentum=True`` and Lightning's ``LearningRateMonitor(log_momentum=
+    True)`` see and set ``beta1``. At every step (and in ``state_dict()`` and
+    :meth:`hypers_of`) each of a group's ``beta1`` and ``beta2`` is taken from
+    whichever form, ``betas`` or the scalar, the user or a scheduler changed
+    since the last step; if both changed to different values the step raises
+    ``ValueError`` naming the group before anything changes. After the step
+    both forms agree. Programs without ``beta1`` and ``beta2`` get no
+    ``betas`` key, and ``betas=`` is an unknown hyperparameter for them. A
+    state dict saved without ``betas`` loads (it is added).
+    :meth:`hypers_of` gives the hyper values a parameter gets after its group
+    and its ``for`` rules.
 
     State per parameter: ``step`` (``t``, a 0-d tensor) and one tensor per
     program ``state``: shaped and laid out like the parameter (elem) or 0-d
@@ -109,20 +132,40 @@ class Optimizer(torch.optim.Optimizer):
         self._hyper_cache: tuple[tuple, dict] = ((), {})
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
         self._pending: list[tuple[list[str], torch.Tensor]] = []
+        names = self.program.hyper_names
+        self._has_betas = "beta1" in names and "beta2" in names
+        # per group: (the group dict, its (beta1, beta2) when betas were last synced)
+        self._betas_synced: list[tuple[dict, tuple[float, float] | None]] = []
         self._check_hypers(hypers, "keyword argument")
         defaults = {h.name: h.default for h in self.program.hypers}
-        defaults.update({k: float(v) for k, v in hypers.items()})
+        defaults.update({k: float(v) for k, v in hypers.items() if k != "betas"})
+        if self._has_betas:
+            if "betas" in hypers:
+                defaults["beta1"], defaults["beta2"] = self._betas_value(
+                    hypers["betas"], "keyword argument")
+            defaults["betas"] = (defaults["beta1"], defaults["beta2"])
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- groups
     def _check_hypers(self, values: dict[str, Any], where: str) -> None:
-        unknown = [k for k in values if k not in self.program.hyper_names and k not in _TORCH_KEYS]
+        """Known hyper names (``betas`` too if the program has ``beta1`` and
+        ``beta2``), values in range, ``betas`` agreeing with an explicit
+        ``beta1`` / ``beta2`` beside it."""
+        unknown = [k for k in values if k not in self.program.hyper_names and k not in _TORCH_KEYS
+                   and not (k == "betas" and self._has_betas)]
         if unknown:
             raise ValueError(f"unknown hyperparameter{'s' * (len(unknown) > 1)} "
                              f"{', '.join(map(repr, unknown))} in {where} for optimizer "
                              f"'{self.program.name}'; known: {', '.join(self.program.hyper_names)}")
         for k, v in values.items():
             if k in _TORCH_KEYS:
+                continue
+            if k == "betas":
+                pair = self._betas_value(v, where)
+                for i, b in enumerate(("beta1", "beta2")):
+                    if b in values and float(values[b]) != pair[i]:
+                        raise ValueError(f"betas={v!r} and {b}={values[b]!r} in {where} "
+                                         f"disagree: give one of them")
                 continue
             h = self.program.hyper(k)
             try:
@@ -133,8 +176,86 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{k}={v!r} in {where} is outside its range {h.range}"
                                  if h.range is not None else f"{k}={v!r} in {where} is not a number")
 
+    def _betas_value(self, value: Any, where: str) -> tuple[float, float]:
+        """``betas`` as ``(beta1, beta2)`` floats, each in its hyper's range.
+
+        Raises:
+            ValueError: naming ``betas``, its value and ``where``.
+        """
+        try:
+            pair = tuple(float(b) for b in value)
+        except (TypeError, ValueError):
+            pair = ()
+        if len(pair) != 2:
+            raise ValueError(f"betas={value!r} in {where} is not a pair of numbers "
+                             f"(beta1, beta2)")
+        for b, x in zip(("beta1", "beta2"), pair):
+            h = self.program.hyper(b)
+            if not h.admits(x):
+                raise ValueError(f"betas={value!r} in {where}: its {b} {x!r} is outside its "
+                                 f"range {h.range}")
+        return pair  # type: ignore[return-value]
+
+    def _betas_plan(self) -> list[tuple[float, float]]:
+        """Each group's effective ``(beta1, beta2)`` for the next step, per
+        component from whichever of ``betas`` or ``beta1`` / ``beta2`` changed
+        since the last sync (changes nothing; empty if the program has no
+        ``betas``).
+
+        Raises:
+            ValueError: naming the group, if both forms changed and disagree,
+                ``betas`` is not a pair, or a changed value is out of range.
+        """
+        if not self._has_betas:
+            return []
+        plan = []
+        synced = self._betas_synced
+        for gi, group in enumerate(self.param_groups):
+            where = f"param group {gi}"
+            scalars = (float(group["beta1"]), float(group["beta2"]))
+            if "betas" not in group:
+                plan.append(scalars)
+                continue
+            pair = self._betas_value(group["betas"], where)
+            last = synced[gi][1] if gi < len(synced) and synced[gi][0] is group else None
+            new = []
+            for i, b in enumerate(("beta1", "beta2")):
+                if scalars[i] == pair[i] or (last is not None and pair[i] == last[i]):
+                    new.append(scalars[i])
+                elif last is not None and scalars[i] == last[i]:
+                    new.append(pair[i])
+                else:
+                    raise ValueError(f"{where}: betas={group['betas']!r} and "
+                                     f"{b}={group[b]!r} were both changed since the last step "
+                                     f"and disagree; change only one of them (or both to the "
+                                     f"same value)")
+            plan.append((new[0], new[1]))
+        return plan
+
+    def _sync_betas(self, plan: list[tuple[float, float]] | None = None) -> None:
+        """Make ``betas`` and ``beta1`` / ``beta2`` agree in every group (and
+        ``defaults``), with the values of :meth:`_betas_plan`; remember them."""
+        if not self._has_betas:
+            return
+        plan = self._betas_plan() if plan is None else plan
+        for group, (b1, b2) in zip(self.param_groups, plan):
+            if float(group["beta1"]) != b1:
+                group["beta1"] = b1
+            if float(group["beta2"]) != b2:
+                group["beta2"] = b2
+            if "betas" not in group or tuple(float(b) for b in group["betas"]) != (b1, b2):
+                group["betas"] = (b1, b2)
+        self._betas_synced = [(g, b) for g, b in zip(self.param_groups, plan)]
+        d = self.defaults
+        if "betas" not in d or tuple(d["betas"]) != (float(d["beta1"]), float(d["beta2"])):
+            d["betas"] = (float(d["beta1"]), float(d["beta2"]))
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (torch semantics); apply the program's ``for`` rules to it.
+
+        If the program has ``beta1`` and ``beta2``, the group may give
+        ``betas=(beta1, beta2)`` instead of (or agreeing with) them, and gets a
+        ``betas`` key either way.
 
         Raises:
             ValueError: unknown or out-of-range hypers in the group, complex,
@@ -145,6 +266,12 @@ class Optimizer(torch.optim.Optimizer):
         explicit = {k for k in param_group if k not in _TORCH_KEYS}
         self._check_hypers({k: param_group[k] for k in explicit}, f"param group {index}")
         probe = dict(param_group)
+        if self._has_betas:
+            if "betas" in probe:
+                probe["beta1"], probe["beta2"] = self._betas_value(probe["betas"], "")
+                explicit |= {"beta1", "beta2"}
+            probe["betas"] = tuple(float(probe.get(b, self.defaults[b]))
+                                   for b in ("beta1", "beta2"))
         params = probe["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         probe["params"] = params
@@ -162,6 +289,10 @@ class Optimizer(torch.optim.Optimizer):
                 rules.append(self._param_rules(p, name, where, frozenset(explicit)))
         super().add_param_group(probe)
         self._rules.append(rules)
+        if self._has_betas:
+            synced = self._betas_synced[:index]
+            synced += [(g, None) for g in self.param_groups[len(synced):index]]
+            self._betas_synced = [*synced, (probe, probe["betas"])]
 
     def _param_rules(self, p: torch.Tensor, name: str | None, where: str,
                      explicit: frozenset[str]) -> ParamRules:
@@ -192,6 +323,51 @@ class Optimizer(torch.optim.Optimizer):
         names = self.param_groups[gi].get("param_names")
         return names[pi] if names is not None else f"param{flat}"
 
+    def hypers_of(self, name_or_param: str | torch.Tensor) -> dict[str, float]:
+        """The hyper values one parameter gets at the next step.
+
+        ``name_or_param`` is the parameter's name as given at construction
+        (``model.named_parameters()``; unnamed parameters are ``"param<i>"``,
+        ``i`` counting over all groups, as in ``watched``) or the parameter
+        tensor itself. The values are its param group's current ones (so a
+        scheduler's new ``lr``, or a ``betas`` it set, is seen before the
+        step), then its matching ``for`` rules, as the step computes them:
+        ``{hyper: float}`` for every hyper of the program, plus ``row_block``
+        (an int) if a rule of the program sets it. Nothing is changed or
+        range-checked (the step checks).
+
+        Raises:
+            ValueError: naming ``name_or_param`` if it is not one of this
+                optimizer's parameters, or a name given to several; or from
+                ``betas`` and ``beta1`` / ``beta2`` both changed and disagreeing.
+        """
+        found = []
+        flat = -1
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                flat += 1
+                if (p is name_or_param if isinstance(name_or_param, torch.Tensor)
+                        else self._param_name(gi, pi, flat) == name_or_param):
+                    found.append((gi, pi, p))
+        if len(found) != 1:
+            what = (f"parameter {name_or_param!r}" if isinstance(name_or_param, str)
+                    else f"tensor of shape {tuple(name_or_param.shape)}"
+                    if isinstance(name_or_param, torch.Tensor) else repr(name_or_param))
+            raise ValueError(f"{what} is not one of this optimizer's parameters" if not found
+                             else f"{what} is ambiguous: {len(found)} parameters have this name")
+        gi, pi, p = found[0]
+        rules = self._rules_of(gi, pi, p)
+        names = self.program.hyper_names
+        group = {k: float(self.param_groups[gi][k]) for k in names}
+        plan = self._betas_plan()
+        if plan:
+            group["beta1"], group["beta2"] = plan[gi]
+        got = hyper_values(self.program.rules, rules.matching, rules.info, group, rules.explicit)
+        out: dict[str, Any] = {k: float(got[k]) for k in names}
+        if any(t == "row_block" for r in self.program.rules for t, _ in r.assigns):
+            out["row_block"] = rules.row_block
+        return out
+
     # ---------------------------------------------------------------- step
     @torch._dynamo.disable
     @torch.no_grad()
@@ -205,7 +381,8 @@ class Optimizer(torch.optim.Optimizer):
         outside the outer graph.
 
         Raises:
-            ValueError: a group's hyper value outside its range, an
+            ValueError: a group's hyper value outside its range, ``betas``
+                and ``beta1`` / ``beta2`` both changed and disagreeing, an
                 unsupported parameter, a sparse or mismatched gradient (for
                 a DTensor parameter: one not sharded like it), a DTensor
                 parameter with a layout other than Shard over one mesh
@@ -216,7 +393,9 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        betas = self._betas_plan()
         self._check_groups()
+        self._sync_betas(betas)
         bs = self._buckets
         scan = bs.scan(self.param_groups, self._rules_of, self.state, self._param_name,
                        self._check_entries, self._hypers_of)
@@ -344,12 +523,23 @@ class Optimizer(torch.optim.Optimizer):
         self._watched = value
 
     # ---------------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """The state dict (torch semantics), after making ``betas`` and ``beta1``
+        / ``beta2`` agree in every group as a step would.
+
+        Raises:
+            ValueError: both forms changed since the last step and disagree.
+        """
+        self._sync_betas()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict (torch semantics), keeping state in the compute dtype.
 
         Everything is checked first: every saved param group must have a
         value in range for each of this program's hypers (other keys, such as
-        a scheduler's ``initial_lr``, are kept); every parameter's saved state
+        a scheduler's ``initial_lr``, are kept; a saved ``betas`` must agree
+        with ``beta1`` / ``beta2``, and is added if missing); every parameter's saved state
         must have exactly this program's keys (``step`` and its states), elem
         states the parameter's shape (and layout, for DTensors), layer states
         and ``step`` one number each (``step`` a whole number >= 0). The state is
@@ -380,9 +570,12 @@ class Optimizer(torch.optim.Optimizer):
                                  f"{', '.join(map(repr, missing))}: it was not saved by a "
                                  f"'{self.program.name}' optimizer (its hypers: "
                                  f"{', '.join(self.program.hyper_names)})")
-            self._check_hypers({k: group[k] for k in self.program.hyper_names},
-                               f"param group {gi} of the state dict")
+            self._check_hypers({k: group[k] for k in (*self.program.hyper_names,
+                                                      *("betas",) * self._has_betas)
+                                if k in group}, f"param group {gi} of the state dict")
         super().load_state_dict(state_dict)
+        self._betas_synced = []
+        self._sync_betas()
         self.watched = {n: {} for n in self.program.watches}
         for sid, p in zip(saved, mine):
             entry = state_dict["state"].get(sid)
