@@ -60,7 +60,7 @@ def main() -> None:
     data = get_task("digits").data()
     model = fully_shard(DigitsNet(), mesh=mesh)
     opt = lw.Optimizer(model.named_parameters(), lw.parse(LAMB_WATCHED, filename="lamb_watched"),
-                       lr=args.lr, weight_decay=0.01)
+                       lr=args.lr, weight_decay=0.01, record=("every", 1))
 
     start = 0
     if args.resume:

@@ -6,7 +6,8 @@ The data and model are the ``digits`` task's (scikit-learn's bundled 8x8
 handwritten digits and a small convnet); the loop itself is plain PyTorch:
 ``lw.Optimizer`` is a ``torch.optim.Optimizer``, so LR schedulers work on it
 unchanged. The ``lars`` preset ``watch``es its trust ratio ``tr``, so
-``opt.watched["tr"]`` holds one value per layer per step.
+``opt.watched["tr"]`` holds one value per layer per step (``record=("every", 1)``;
+the default keeps only the last).
 """
 import torch
 from torch.nn import functional as F
@@ -22,7 +23,8 @@ def main() -> None:
     model = DigitsNet()
 
     # the preset's hypers are keyword arguments; everything else is the .lw file's default
-    opt = lw.Optimizer(model.named_parameters(), "lars", compile=False, lr=4.0, momentum=0.9)
+    opt = lw.Optimizer(model.named_parameters(), "lars", compile=False, lr=4.0, momentum=0.9,
+                       record=("every", 1))   # keep every step's watched values
     epochs, batch = 10, 32
     steps = epochs * (len(data.x_train) // batch)
     warmup = steps // 10                   # linear warm-up, then linear decay

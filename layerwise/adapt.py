@@ -57,7 +57,8 @@ def _adaptation_spec(adaptation) -> Spec:
 
 
 def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool | None = None,
-          compile: bool | None = None, **hypers: float) -> torch.optim.Optimizer:
+          compile: bool | None = None, record: str | tuple[str, int] | None = None,
+          watch: tuple[str, ...] | list[str] = (), **hypers: float) -> torch.optim.Optimizer:
     """``base`` with ``adaptation`` applied to its update (see the module docstring).
 
     Args:
@@ -70,6 +71,12 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
             :data:`LINEAR_IN_LR`); ignored for an ``lw.Optimizer`` base.
         compile: run the adaptation compiled (default: as ``base`` if it is an
             ``lw.Optimizer``, else True).
+        record: the recording policy of the result's ``watched``, as
+            ``lw.Optimizer``'s ``record``: ``"latest"``, ``("every", k)`` or
+            ``("history", n)`` (default: the base's if it is an
+            ``lw.Optimizer``, else ``"latest"``).
+        watch: more names of the adaptation to record (a local or a def its
+            step calls once, e.g. ``["ratio"]`` of ``trust``).
         **hypers: values of the adaptation's hypers (added to every param
             group that does not have them).
 
@@ -77,10 +84,13 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
         ValueError: ``adaptation`` is not an adaptation, it clashes with the
             base program (a hyper or state of both; a watched local of both is
             kept, the adaptation's renamed ``adapt_NAME``), or an
-            ``lw.Optimizer`` base has already stepped.
+            ``lw.Optimizer`` base has already stepped, or a ``record`` that
+            is not one of the policies.
         SpecError: the adaptation does not check.
     """
     ad = _adaptation_spec(adaptation)
+    if watch:
+        ad = ad.watching(*watch)
     if isinstance(base, Optimizer):
         if any(base.state.values()):
             raise ValueError("adapt an lw.Optimizer before its first step (its state would "
@@ -94,9 +104,10 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
             for k, v in hypers.items():
                 g.setdefault(k, v)
         return Optimizer(groups, spec, compile=base._runner.compiled if compile is None
-                         else compile)
+                         else compile, record=base.record if record is None else record)
     return AdaptedOptimizer(base, ad, linear=isinstance(base, LINEAR_IN_LR) if linear is None
-                            else linear, compile=True if compile is None else compile, **hypers)
+                            else linear, compile=True if compile is None else compile,
+                            record="latest" if record is None else record, **hypers)
 
 
 class AdaptedOptimizer(torch.optim.Optimizer):
@@ -104,12 +115,12 @@ class AdaptedOptimizer(torch.optim.Optimizer):
 
     Made by :func:`adapt`; ``param_groups`` is the base's list (with the
     adaptation's hypers added to each group), ``watched`` the adaptation's
-    watched values, ``state`` a read-only view of both states (the
+    watched values (kept as ``record`` says, as ``lw.Optimizer``'s), ``state`` a read-only view of both states (the
     adaptation's keys prefixed ``adapt_``).
     """
 
     def __init__(self, base: torch.optim.Optimizer, adaptation: Spec, linear: bool,
-                 compile: bool, **hypers: float):
+                 compile: bool, record: str | tuple[str, int] = "latest", **hypers: float):
         self.base = base
         self.linear = linear
         for g in base.param_groups:
@@ -120,7 +131,7 @@ class AdaptedOptimizer(torch.optim.Optimizer):
         groups = [{"params": g["params"], "lr": float(g["lr"]),
                    **{k: g[k] for k in defaults if k in g}} for g in base.param_groups]
         self.inner = Optimizer(groups, adaptation, compile=compile, _adaptation=True,
-                               **defaults)
+                               record=record, **defaults)
         for g, mine in zip(base.param_groups, self.inner.param_groups):
             for k in defaults:
                 g.setdefault(k, mine[k])
@@ -155,6 +166,11 @@ class AdaptedOptimizer(torch.optim.Optimizer):
     def watched(self) -> dict:
         """The adaptation's watched values (as ``lw.Optimizer.watched``)."""
         return self.inner.watched
+
+    @property
+    def record(self) -> str | tuple[str, int]:
+        """The recording policy of ``watched`` (as ``lw.Optimizer.record``)."""
+        return self.inner.record
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

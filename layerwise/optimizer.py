@@ -9,8 +9,10 @@ parameter sharing a dtype and device in a constant number of calls.
 """
 from __future__ import annotations
 
+import numbers
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -54,6 +56,39 @@ def _as_spec(spec) -> Spec:
                     f"not {type(spec).__name__}")
 
 
+def _record_policy(record: Any) -> str | tuple[str, int]:
+    """``record`` as ``"latest"``, ``("every", k)`` or ``("history", n)`` (k, n
+    whole numbers >= 1).
+
+    Raises:
+        ValueError: naming ``record`` and its value, for anything else.
+    """
+    if isinstance(record, str) and record == "latest":
+        return "latest"
+    if (isinstance(record, (tuple, list)) and len(record) == 2 and record[0] in ("every", "history")
+            and isinstance(record[1], numbers.Integral) and not isinstance(record[1], bool)
+            and record[1] >= 1):
+        return (str(record[0]), int(record[1]))
+    raise ValueError(f"record={record!r} is not a recording policy: use \"latest\" (the last "
+                     f"value), (\"every\", k) (every k-th step's value) or (\"history\", n) "
+                     f"(the last n values), with k and n whole numbers >= 1")
+
+
+def _largest_step(entries: Iterable) -> int:
+    """The largest ``step`` of a state dict's per-parameter entries (0 if none)."""
+    largest = 0
+    for e in entries:
+        v = e.get("step") if e else None
+        if v is None:
+            continue
+        try:
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            largest = max(largest, int(float(v)))
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return largest
+
+
 class Optimizer(torch.optim.Optimizer):
     """A layerwise-adaptive optimizer defined by a ``.lw`` program.
 
@@ -76,6 +111,14 @@ class Optimizer(torch.optim.Optimizer):
             paid once per program (optimizers of the same program share the
             compiled step) and not again when hyper values change (a
             scheduler's ``lr``): they reach the step as tensors.
+        record: which watched values ``watched`` keeps (see below):
+            ``"latest"`` (default), ``("every", k)`` or ``("history", n)``.
+        watch: more names to record in ``watched``, as
+            ``spec.watching(*watch)``: a layer-kind local of the step or a
+            ``def`` the step calls once (``["trust"]`` for lamb's trust
+            ratio, recorded under the def's name; the update is unchanged).
+            Raises ``SpecError`` (line, column) for a name that cannot be
+            watched.
         **hypers: defaults for the program's hyperparameters (``lr=2e-3``);
             ``betas=(beta1, beta2)`` too if it has ``beta1`` and ``beta2``.
 
@@ -103,20 +146,50 @@ class Optimizer(torch.optim.Optimizer):
     out like them. They are views of the runtime's flat buffers
     (``layerwise.runtime.layout``, which also says what the optimizer does
     to parameters and gradients: it may make them views of its buffers, with
-    the same values). After each step ``watched[name][param_name]`` has one
-    more float per watched name and parameter updated; the values stay on
-    the device until ``watched`` is read.
+    the same values).
+
+    Watched values: ``watched`` is ``{watched name: {parameter name: [floats,
+    oldest first]}}``, recorded at steps that update the parameter, as the
+    ``record`` policy says (steps count this optimizer's ``step()`` calls
+    that updated any parameter, from construction, or from the largest
+    ``step`` of a loaded state dict):
+
+    * ``record="latest"`` (default): only the last value per watched name and
+      parameter (each list has one element); memory: 1 value each.
+    * ``record=("every", k)``: the values of every k-th step (steps k, 2k,
+      ...), all kept; memory: steps / k values each.
+    * ``record=("history", n)``: the last n values (a ring); memory: n values
+      each.
+
+    Values stay on the device until ``watched`` is read (one transfer per
+    recorded step still held); the device tensors held are bounded by the
+    policy too (under "latest" and "history" only those whose values can
+    still be returned; under every-k only the recorded steps').
+
+    Parameter names (the keys of ``watched``, and what :meth:`hypers_of` and
+    messages use) are those given (``model.named_parameters()``), or
+    ``"param<i>"`` for unnamed ones, ``i`` counting over all groups. Names
+    are made distinct in order over groups and parameters: the first
+    parameter with a name keeps it, each later one gets ``"name#k"`` with
+    ``k`` the smallest number >= 1 giving a name not used before it (two
+    modules' ``named_parameters()`` as two groups: ``"weight"`` and
+    ``"weight#1"``).
 
     Raises:
         ValueError: unknown hyper names (the message lists the known ones),
             a hyper value outside its range, a rule that tests names when
-            the parameters have none, or an unsupported parameter.
+            the parameters have none, an unsupported parameter, or a
+            ``record`` that is not one of the policies.
         SpecError: if ``spec`` names a program that does not check.
     """
 
     def __init__(self, params: Iterable, spec: Spec | str = "lamb", compile: bool = True,
-                 *, _adaptation: bool = False, **hypers: float):
+                 *, record: str | tuple[str, int] = "latest", watch: Sequence[str] = (),
+                 _adaptation: bool = False, **hypers: float):
+        self._record = _record_policy(record)
         self.spec = _as_spec(spec)
+        if watch:
+            self.spec = self.spec.watching(*watch)
         self.program = self.spec.program
         self._runner: Runner = runner_for(self.program, bool(compile))
         lowered = self._runner.lowered
@@ -131,7 +204,14 @@ class Optimizer(torch.optim.Optimizer):
         self._rules: list[list[ParamRules]] = []
         self._hyper_cache: tuple[tuple, dict] = ((), {})
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
-        self._pending: list[tuple[list[str], torch.Tensor]] = []
+        # recorded values not yet read: {entry id: [param names, (watches x names) tensor,
+        # count of its columns still wanted]}; under a bounded policy, per name the
+        # (entry id, column) of its last values (at most the bound)
+        self._pending: dict[int, list] = {}
+        self._pending_of: dict[str, deque] = {}
+        self._entries = 0
+        self._steps = 0
+        self._names_cache: tuple[tuple, list[list[str]]] = ((), [])
         names = self.program.hyper_names
         self._has_betas = "beta1" in names and "beta2" in names
         # per group: (the group dict, its (beta1, beta2) when betas were last synced)
@@ -320,16 +400,39 @@ class Optimizer(torch.optim.Optimizer):
         return rules[pi]
 
     def _param_name(self, gi: int, pi: int, flat: int) -> str:
-        names = self.param_groups[gi].get("param_names")
-        return names[pi] if names is not None else f"param{flat}"
+        """The name of parameter ``pi`` of group ``gi`` (``flat`` over all
+        groups), made distinct (the class docstring's rule)."""
+        groups = self.param_groups
+        key = tuple((id(g), id(g.get("param_names")), len(g["params"])) for g in groups)
+        cached, names = self._names_cache
+        if cached != key:
+            used: set[str] = set()
+            names = []
+            flat_i = 0
+            for g in groups:
+                given = g.get("param_names")
+                mine = []
+                for i in range(len(g["params"])):
+                    base = given[i] if given is not None and i < len(given) else f"param{flat_i}"
+                    name, k = base, 0
+                    while name in used:
+                        k += 1
+                        name = f"{base}#{k}"
+                    used.add(name)
+                    mine.append(name)
+                    flat_i += 1
+                names.append(mine)
+            self._names_cache = (key, names)
+        return names[gi][pi]
 
     def hypers_of(self, name_or_param: str | torch.Tensor) -> dict[str, float]:
         """The hyper values one parameter gets at the next step.
 
         ``name_or_param`` is the parameter's name as given at construction
         (``model.named_parameters()``; unnamed parameters are ``"param<i>"``,
-        ``i`` counting over all groups, as in ``watched``) or the parameter
-        tensor itself. The values are its param group's current ones (so a
+        ``i`` counting over all groups, as in ``watched``; a repeated name
+        as made distinct, ``"name#1"``...: see the class docstring) or the
+        parameter tensor itself. The values are its param group's current ones (so a
         scheduler's new ``lr``, or a ``betas`` it set, is seen before the
         step), then its matching ``for`` rules, as the step computes them:
         ``{hyper: float}`` for every hyper of the program, plus ``row_block``
@@ -338,7 +441,7 @@ class Optimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: naming ``name_or_param`` if it is not one of this
-                optimizer's parameters, or a name given to several; or from
+                optimizer's parameters; or from
                 ``betas`` and ``beta1`` / ``beta2`` both changed and disagreeing.
         """
         found = []
@@ -424,14 +527,40 @@ class Optimizer(torch.optim.Optimizer):
         for b, t in zip(buckets, t_now):
             b.T.copy_(torch.where(b.active, t, b.T))
         bs.finish()
-        if self.program.watches:
+        self._steps += 1
+        record = self._record
+        if self.program.watches and (record == "latest" or record[0] == "history"
+                                     or self._steps % record[1] == 0):
             for b, vec in zip(buckets, outputs):
                 names = [s.name for s, on in zip(b.slots, b.active_key) if on]
                 index = [s.index for s, on in zip(b.slots, b.active_key) if on]
                 values = torch.stack([torch.broadcast_to(torch.as_tensor(
                     v, dtype=b.cdtype, device=b.device), (b.P,)) for v in vec])
-                self._pending.append((names, values[:, index]))
+                self._add_pending(names, values[:, index])
         return loss
+
+    def _add_pending(self, names: list[str], values: torch.Tensor) -> None:
+        """Hold one recorded step's values of ``names`` (a column each of
+        ``values``); under a bounded policy drop the columns (and tensors) it
+        makes older than the policy keeps."""
+        entry = self._entries
+        self._entries += 1
+        self._pending[entry] = [names, values, len(names)]
+        if self._record != "latest" and self._record[0] == "every":
+            return
+        bound = 1 if self._record == "latest" else self._record[1]
+        pending, of = self._pending, self._pending_of
+        for col, name in enumerate(names):
+            last = of.get(name)
+            if last is None:
+                last = of[name] = deque()
+            last.append((entry, col))
+            if len(last) > bound:
+                old, _ = last.popleft()
+                held = pending[old]
+                held[2] -= 1
+                if held[2] == 0:
+                    del pending[old]
 
     def _env(self, b, t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         numbers = {"rows": b.ROWS, "cols": b.COLS, "ndim": b.NDIM}
@@ -504,23 +633,44 @@ class Optimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- watched
     @property
     def watched(self) -> dict[str, dict[str, list[float]]]:
-        """``{watched name: {parameter name: [one float per step it was updated]}}``.
+        """``{watched name: {parameter name: [floats, oldest first]}}``, as the
+        ``record`` policy keeps them (see the class docstring).
 
         Values are kept on the device until this is read (then one transfer
-        per recorded step)."""
-        for names, values in self._pending:
-            rows = values.to(torch.float64).tolist()
-            for n, row in zip(self.program.watches, rows):
-                record = self._watched.setdefault(n, {})
-                for name, x in zip(names, row):
-                    record.setdefault(name, []).append(x)
-        self._pending.clear()
+        per recorded step still held)."""
+        if self._pending:
+            bounded = self._record == "latest" or self._record[0] == "history"
+            wanted = None
+            if bounded:      # the (entry, column)s the policy still returns
+                wanted = {ec for last in self._pending_of.values() for ec in last}
+            for entry, (names, values, _) in self._pending.items():
+                rows = values.to(torch.float64).tolist()
+                for n, row in zip(self.program.watches, rows):
+                    record = self._watched.setdefault(n, {})
+                    for col, (name, x) in enumerate(zip(names, row)):
+                        if wanted is None or (entry, col) in wanted:
+                            record.setdefault(name, []).append(x)
+            self._pending.clear()
+            self._pending_of.clear()
+            if bounded:
+                keep = 1 if self._record == "latest" else self._record[1]
+                for per in self._watched.values():
+                    for series in per.values():
+                        if len(series) > keep:
+                            del series[:-keep]
         return self._watched
 
     @watched.setter
     def watched(self, value: dict) -> None:
         self._pending.clear()
+        self._pending_of.clear()
         self._watched = value
+
+    @property
+    def record(self) -> str | tuple[str, int]:
+        """The recording policy of ``watched``: ``"latest"``, ``("every", k)``
+        or ``("history", n)``."""
+        return self._record
 
     # ---------------------------------------------------------------- state_dict
     def state_dict(self) -> dict[str, Any]:
@@ -545,7 +695,8 @@ class Optimizer(torch.optim.Optimizer):
         and ``step`` one number each (``step`` a whole number >= 0). The state is
         copied into the runtime's buffers at the next step; the given
         ``state_dict`` is never modified or aliased. ``watched`` starts
-        afresh: its history is not part of the state dict (and
+        afresh (and ``record``'s step count from the largest saved ``step``):
+        its history is not part of the state dict (and
         ``torch.distributed.checkpoint``'s ``get_state_dict`` may run a step
         with ``lr = 0`` on a fresh optimizer to create state before loading).
 
@@ -577,6 +728,7 @@ class Optimizer(torch.optim.Optimizer):
         self._betas_synced = []
         self._sync_betas()
         self.watched = {n: {} for n in self.program.watches}
+        self._steps = _largest_step(state_dict["state"].values())
         for sid, p in zip(saved, mine):
             entry = state_dict["state"].get(sid)
             if not entry:

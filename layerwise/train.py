@@ -359,7 +359,7 @@ def _loop(task: Task, spec: Spec, run_spec: Spec, plan: RunPlan, progress: bool)
     model = task.build_model()
     model.train()
     opt = Optimizer(model.named_parameters(), run_spec, compile=plan.compile,
-                    **{**plan.hypers, "lr": plan.lr})
+                    record=("every", 1), **{**plan.hypers, "lr": plan.lr})
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, plan.warmup_steps, plan.total_steps))
     losses: list[float | None] = []

@@ -192,7 +192,8 @@ def reference(name: str) -> dict:
     program, hypers, _ = PROGRAMS[name]
     model = make_model(dtype=torch.float64 if name in FLOAT64 else torch.float32,
                        width=WIDTH.get(name, 5))
-    opt = lw.Optimizer(model.named_parameters(), spec_of(program), compile=False, **hypers)
+    opt = lw.Optimizer(model.named_parameters(), spec_of(program), compile=False,
+                       record=("every", 1), **hypers)
     train(model, opt, range(STEPS), None)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "state": _state(model, opt)[0], "watched": opt.watched}
@@ -261,7 +262,7 @@ def _build(engine: str, mesh, program: str, hypers: dict, compile: bool, depth: 
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model, lw.Optimizer(model.named_parameters(), spec_of(program), compile=compile,
-                               **hypers)
+                               record=("every", 1), **hypers)
 
 
 def _checkpoint(model, opt, path: Path, load: bool) -> None:

@@ -61,7 +61,8 @@ def test_adapting_torch_adamw_gives_lamb(dtype, tol):
     lamb, adapted = named(dtype), named(dtype)
     train(lamb, lw.Optimizer(lamb, "lamb", compile=False, **LAMB))
     opt = lw.adapt(torch.optim.AdamW([p for _, p in adapted], lr=0.01, eps=1e-6,
-                                     weight_decay=0.01), "trust", compile=False)
+                                     weight_decay=0.01), "trust", compile=False,
+                   record=("every", 1))
     assert isinstance(opt, torch.optim.Optimizer)
     train(adapted, opt)
     assert worst(lamb, adapted) <= tol
@@ -88,7 +89,8 @@ def test_adapted_presets_match_the_numpy_reference(base, reference):
     ref = ADAPTATIONS["trust"](reference)(ref_params, lr=0.01)
     tensors = {n: torch.nn.Parameter(torch.tensor(v)) for n, v in params.items()}
     spec = lw.parse(f"optimizer {base}_trust extends {base}\nadapt trust\n")
-    opt = lw.Optimizer(list(tensors.items()), spec, compile=False, lr=0.01)
+    opt = lw.Optimizer(list(tensors.items()), spec, compile=False, lr=0.01,
+                       record=("every", 1))
     for g in grads:
         ref.step(g)
         for n, p in tensors.items():

@@ -147,7 +147,7 @@ def _run_layerwise(preset: str, dtype: torch.dtype, compile: bool):
     start = {n: p.detach().clone() for n, p in named}
     keep_start = {n: k.clone() for n, _, k in layouts if k is not None}
     grads = _grads({n: tuple(p.shape) for n, p in named}, dtype, seed=2)
-    opt = lw.Optimizer(named, preset, compile=compile, **HYPERS[preset])
+    opt = lw.Optimizer(named, preset, compile=compile, record=("every", 1), **HYPERS[preset])
     for step in grads:
         for n, p in named:
             p.grad = step[n]

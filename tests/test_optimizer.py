@@ -97,7 +97,8 @@ def test_name_rule_needs_named_parameters():
 
 def test_watched_values_per_name_and_parameter():
     m = model()
-    opt = lw.Optimizer(m.named_parameters(), lw.parse(SGD_LIKE), compile=False)
+    opt = lw.Optimizer(m.named_parameters(), lw.parse(SGD_LIKE), compile=False,
+                       record=("every", 1))
     for seed in range(3):
         fill_grads(m.parameters(), seed)
         opt.step()

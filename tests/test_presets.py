@@ -129,7 +129,7 @@ def run_layerwise(name, params, grads, dtype=torch.float64, compile=False, group
                          for names, over in groups]
     else:
         param_groups = list(tensors.items())
-    opt = lw.Optimizer(param_groups, name, compile=compile, **hypers)
+    opt = lw.Optimizer(param_groups, name, compile=compile, record=("every", 1), **hypers)
     history = []
     for g in grads:
         for n, p in tensors.items():

@@ -164,7 +164,7 @@ def test_strided_view_parameter_writes_only_its_elements(compile):
 
 # ------------------------------------------------------------------ 3. float64 compiled
 def run_steps(spec, params, compile, steps=4, steps_seen=None):
-    opt = lw.Optimizer(params, spec, compile=compile)
+    opt = lw.Optimizer(params, spec, compile=compile, record=("every", 1))
     gen = torch.Generator().manual_seed(7)
     for _ in range(steps):
         for p in params:
@@ -443,10 +443,10 @@ def test_no_host_sync_in_steady_state_step(compile, fresh):
     for n in (10, 300):
         params = mixed(n, seed=n)
         eager_params = clone_params(params)
-        opt = lw.Optimizer(params, "lars", compile=compile)
+        opt = lw.Optimizer(params, "lars", compile=compile, record=("every", 1))
         events = step_events(params, opt, fresh)
         assert not SYNCS & set(events), {k: events[k] for k in SYNCS}
-        eager = lw.Optimizer(eager_params, "lars", compile=False)
+        eager = lw.Optimizer(eager_params, "lars", compile=False, record=("every", 1))
         step_events(eager_params, eager, fresh)
         tr, ref = opt.watched["tr"], eager.watched["tr"]
         assert tr.keys() == ref.keys() and len(ref) == n

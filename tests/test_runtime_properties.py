@@ -413,7 +413,8 @@ step {
 def test_eager_runtime_agrees_with_naive_interpreter(problem):
     text, spec, hypers, params, grads = problem
     tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
-    opt = lw.Optimizer(list(tensors.items()), spec, compile=False, **hypers)
+    opt = lw.Optimizer(list(tensors.items()), spec, compile=False, record=("every", 1),
+                       **hypers)
     naive = NaiveOptimizer(spec.program, params, hypers)
     for step in grads:
         for k, p in tensors.items():

@@ -311,9 +311,12 @@ def test_hypers_of_unknown_or_ambiguous_is_an_error():
     a, b = model(), model()
     opt = lw.Optimizer([{"params": list(a.named_parameters())},
                         {"params": list(b.named_parameters())}], "lamb", compile=False)
-    with pytest.raises(ValueError, match="'0.weight' is ambiguous"):
-        opt.hypers_of("0.weight")
-    assert opt.hypers_of(b[0].weight)["lr"] == opt.defaults["lr"]
+    opt.param_groups[1]["lr"] = 0.5     # repeated names: the later ones are "name#1"
+    assert opt.hypers_of("0.weight")["lr"] == opt.hypers_of(a[0].weight)["lr"] == opt.defaults["lr"]
+    assert opt.hypers_of("0.weight#1")["lr"] == 0.5
+    assert opt.hypers_of(b[0].weight)["lr"] == 0.5
+    with pytest.raises(ValueError, match="'0.weight#2' is not one"):
+        opt.hypers_of("0.weight#2")
 
 
 def test_onecyclelr_cycle_momentum_does_not_recompile():

@@ -119,7 +119,7 @@ def _run(spec, steps=4):
     torch.manual_seed(0)
     params = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True),
               torch.randn(7, dtype=torch.float64, requires_grad=True)]
-    opt = lw.Optimizer(params, spec, compile=False, lr=0.05)
+    opt = lw.Optimizer(params, spec, compile=False, lr=0.05, record=("every", 1))
     for s in range(steps):
         opt.zero_grad()
         sum(((p - s) ** 2).sum() * (i + 1) for i, p in enumerate(params)).backward()
