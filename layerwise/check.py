@@ -8,6 +8,11 @@ A reduction's unit (``norm(x, row)``) stays its last argument, a
 :class:`~layerwise.syntax.Name` of kind ``"unit"``. It collects independent problems
 and raises them together in one :class:`~layerwise.errors.SpecError`.
 
+``watch NAME`` of a ``def`` (an addition to section 3): the step's one call
+of it (after inlining) is computed into a local named after the def, just
+before the statement that holds it, and that local is watched; the value
+and the updates are unchanged.
+
 The result, :class:`CheckedProgram`, holds only hypers, states, rules,
 watches and a step whose expressions have no ``def`` calls left and carry
 their kind; the lowering (``layerwise.lower``) trusts it.
@@ -212,6 +217,13 @@ class _Checker:
         self.problems: list[Problem] = []
         self.reported: set[tuple[Span, str]] = set()
         self.inlined: set[str] = set()     # defs called somewhere
+        # ``watch NAME`` of a def: its calls in the step (each hoisted to a
+        # local named after the def just before the statement that holds it)
+        self.watched_defs = {n.id for n in decls.watches if n.id in decls.defs}
+        self.def_calls: dict[str, list[tuple[Span, str, bool]]] = {
+            n: [] for n in self.watched_defs}  # (call span, kind, inside a global reduction)
+        self.hoisted: list[Assign] = []    # hoisted calls of the statement being checked
+        self.def_seen: set[str] = set()    # watched defs called in the step (even if faulty)
 
     def bad(self, span: Span, message: str, scope: _Scope | None = None) -> None:
         if scope is not None and scope.stack:
@@ -448,7 +460,13 @@ class _Checker:
         targets = [a.target for a in d.step.body]
         for i, a in enumerate(d.step.body):
             scope = _Scope("step", env, fresh, set(targets[i:]) - set(env))
+            self.hoisted = []
             value = self.expr(a.value, scope)
+            for h in self.hoisted:     # watched def calls, computed just before
+                env[h.target] = h.value.kind
+                fresh.add(h.target)
+                out.append(h)
+            self.hoisted = []
             target_ok = self.check_target(a)
             if value is None or not target_ok:
                 # A local whose value is wrong gets no kind (None): later uses
@@ -501,8 +519,9 @@ class _Checker:
         out = []
         for n in self.d.watches:
             if n.id in self.d.defs:
-                self.bad(n.span, f"'{n.id}' is a def; assign it to a local in step "
-                                 f"(e.g. tr = {n.id}(...)) and watch that")
+                name = self.watched_def(n)
+                if name is not None:
+                    out.append(name)
             elif n.id not in env:
                 self.bad(n.span, f"cannot watch unknown name '{n.id}'" + suggest(n.id, env))
             elif env[n.id] is None:
@@ -513,6 +532,37 @@ class _Checker:
             else:
                 out.append(n.id)
         return tuple(out)
+
+    def watched_def(self, n: Name) -> str | None:
+        """``watch NAME`` of a def: the local its one call in the step was
+        hoisted to (named after the def), or None after reporting why not."""
+        calls = self.def_calls[n.id]
+        if not calls and n.id in self.def_seen:
+            return None  # its call is faulty, and that is already reported
+        if not calls:
+            self.bad(n.span, f"'{n.id}' is never called in the step, so there is no value "
+                             "to watch")
+            return None
+        if len(calls) > 1:
+            places = list(dict.fromkeys(_at(c[0], n.span) for c in calls))
+            where = ("lines " + ", ".join(p[5:] for p in places)
+                     if len(places) > 1 and all(p.startswith("line ") for p in places)
+                     else ", ".join(places))
+            self.bad(n.span, f"'{n.id}' is called {len(calls)} times in the step (at "
+                             f"{where}, after inlining defs); watch a local instead: assign the "
+                             f"call you mean to a local (tr = {n.id}(...)) and watch that")
+            return None
+        span, kind, in_global = calls[0]
+        if in_global:
+            self.bad(n.span, f"'{n.id}' is called inside a global reduction ("
+                             f"{_at(span, n.span)}); watch a local instead")
+            return None
+        if not narrower(kind, "layer"):
+            self.bad(n.span, f"cannot watch def '{n.id}': its value ({_at(span, n.span)}) is "
+                             f"{_kind_of(kind)}, not one number per parameter; watch a local "
+                             "that reduces it, e.g. with mean()")
+            return None
+        return n.id
 
     # ------------------------------------------------------------ expressions
     def expr(self, e: Expr, sc: _Scope) -> Expr | None:
@@ -661,6 +711,8 @@ class _Checker:
 
     def inline(self, e: Call, sc: _Scope) -> Expr | None:
         d = self.d.defs[e.func]
+        if sc.context == "step" and e.func in self.watched_defs:
+            self.def_seen.add(e.func)
         if e.func in sc.stack:
             return None  # reported once by check_recursion
         if len(e.args) != len(d.params):
@@ -675,12 +727,29 @@ class _Checker:
                         stack=(*sc.stack, e.func),
                         call_line=e.span.line if not sc.stack else sc.call_line,
                         call_file=e.span.filename if not sc.stack else sc.call_file)
-        return self.expr(d.body, inner)
+        value = self.expr(d.body, inner)
+        if value is None or e.func not in self.watched_defs or sc.context != "step":
+            return value
+        # a watched def: its value becomes a local named after it, computed
+        # just before the statement (the same value: expressions are pure)
+        self.def_calls[e.func].append((e.span, value.kind, sc.in_global))
+        if sc.in_global:
+            return value
+        self.hoisted.append(Assign(e.func, value, e.span))
+        sc.fresh.add(e.func)       # a global reduction cannot read it (as any local)
+        return Name(e.func, value.kind, e.span)
 
 
 _UNIT_WORDS = {"row": "row", "col": "column"}
 _PARAM_WORDS = {"rows": "number of rows", "cols": "number of columns",
                 "ndim": "number of dimensions"}
+
+
+def _at(span: Span, here: Span) -> str:
+    """``line 5``, or ``lamb.lw:5`` for a span in another file than ``here``."""
+    if span.filename == here.filename:
+        return f"line {span.line}"
+    return f"{PurePath(span.filename).name}:{span.line}"
 
 
 def _unit_arg(e: Call) -> Name | None:

@@ -61,6 +61,27 @@ class Spec:
                                 parse_fragment(text, filename), problems)
         return Spec(check_declarations(merged, filename, problems), merged, filename)
 
+    def watching(self, *names: str) -> "Spec":
+        """A new spec that also watches ``names``: the same as
+        ``override("watch " + ", ".join(names))``.
+
+        A name may be a layer-kind local of the step or a ``def`` that the
+        step calls exactly once (``lw.load("lamb").watching("trust")``
+        records LAMB's trust ratio as ``watched["trust"]``); the program and
+        its updates are unchanged.
+
+        Raises:
+            SpecError: a name cannot be watched (unknown, not one number per
+                parameter, a def called more or less than once, ...).
+            ValueError: no names, or a name that is not an identifier.
+        """
+        if not names:
+            raise ValueError("watching() needs at least one name")
+        for n in names:
+            if not isinstance(n, str) or not n.isidentifier():
+                raise ValueError(f"watching(): {n!r} is not a name")
+        return self.override("watch " + ", ".join(names), filename="<watching>")
+
     def to_text(self) -> str:
         """The checked program as flat text (no extends, defs inlined)."""
         return self.program.to_text()
