@@ -14,6 +14,8 @@ from .errors import SpecError
 from .optimizer import Optimizer
 from .spec import Spec, load, parse, presets
 from .adapt import adapt
+from .convert import convert_state_dict
 
-__all__ = ["SpecError", "Spec", "Optimizer", "adapt", "load", "parse", "presets"]
+__all__ = ["SpecError", "Spec", "Optimizer", "adapt", "convert_state_dict", "load", "parse",
+           "presets"]
 __version__ = "0.1.0"
