@@ -157,9 +157,7 @@ def write_vec(dst: torch.Tensor, value, active: torch.Tensor) -> torch.Tensor:
 def chunk_mask_like(valid, ref: torch.Tensor):
     """:func:`chunk_mask` for a chunk length that is ``ref.shape[1]`` (the unit
     layout's, which differs between buckets)."""
-    if isinstance(valid, PartialRows):
-        return valid
-    return torch.arange(ref.shape[1], device=valid.device) < valid
+    return chunk_mask(valid, ref.shape[1])
 
 
 def as_col(x):
