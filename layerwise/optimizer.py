@@ -119,6 +119,15 @@ class Optimizer(torch.optim.Optimizer):
             ratio, recorded under the def's name; the update is unchanged).
             Raises ``SpecError`` (line, column) for a name that cannot be
             watched.
+        names_from: a ``torch.nn.Module`` whose ``named_parameters()`` name
+            the parameters given as bare tensors (here and in later
+            ``add_param_group`` calls), for trainers that build the param
+            groups themselves (Hugging Face ``Trainer`` with
+            ``optimizer_cls_and_kwargs=(lw.Optimizer, {"spec": ...,
+            "names_from": model})``), so ``for name ~ ...`` rules, ``watched``
+            and :meth:`hypers_of` see the module's names. Parameters given
+            as ``(name, tensor)`` keep their names. A bare tensor that is not
+            a parameter of the module is a ``ValueError``.
         **hypers: defaults for the program's hyperparameters (``lr=2e-3``);
             ``betas=(beta1, beta2)`` too if it has ``beta1`` and ``beta2``.
 
@@ -185,8 +194,14 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, spec: Spec | str = "lamb", compile: bool = True,
                  *, record: str | tuple[str, int] = "latest", watch: Sequence[str] = (),
+                 names_from: torch.nn.Module | None = None,
                  _adaptation: bool = False, **hypers: float):
         self._record = _record_policy(record)
+        if names_from is not None and not isinstance(names_from, torch.nn.Module):
+            raise ValueError(f"names_from must be a torch.nn.Module, not "
+                             f"{type(names_from).__name__}")
+        self._names_from = (None if names_from is None else
+                            {id(p): n for n, p in names_from.named_parameters()})
         self.spec = _as_spec(spec)
         if watch:
             self.spec = self.spec.watching(*watch)
@@ -354,6 +369,8 @@ class Optimizer(torch.optim.Optimizer):
                                    for b in ("beta1", "beta2"))
         params = probe["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if self._names_from is not None:
+            params = [self._named(p, index) for p in params]
         probe["params"] = params
         names: list[str | None] = []
         tensors: list[torch.Tensor] = []
@@ -373,6 +390,17 @@ class Optimizer(torch.optim.Optimizer):
             synced = self._betas_synced[:index]
             synced += [(g, None) for g in self.param_groups[len(synced):index]]
             self._betas_synced = [*synced, (probe, probe["betas"])]
+
+    def _named(self, p: Any, index: int) -> Any:
+        """``p`` as ``(name, p)`` by ``names_from`` (a bare tensor of param
+        group ``index``); anything else unchanged."""
+        if not isinstance(p, torch.Tensor):
+            return p
+        name = self._names_from.get(id(p))
+        if name is None:
+            raise ValueError(f"param group {index}: a tensor of shape {tuple(p.shape)} is not "
+                             "a parameter of the names_from module")
+        return (name, p)
 
     def _param_rules(self, p: torch.Tensor, name: str | None, where: str,
                      explicit: frozenset[str]) -> ParamRules:

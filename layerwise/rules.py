@@ -130,7 +130,8 @@ def matching_rules(rules: Sequence[Rule], info: ParamInfo) -> tuple[int, ...]:
             where = f"{rule.span.filename}:{rule.span.line}" if rule.span else "a for rule"
             raise ValueError(f"the for rule at {where} tests the parameter's name, but the "
                              "parameters have no names: pass model.named_parameters() "
-                             "(or (name, tensor) pairs) to the optimizer")
+                             "(or (name, tensor) pairs) to the optimizer, or "
+                             "names_from=model when a trainer passes bare tensors")
         if evaluate(rule.predicate, info.env(), info.name) != 0:
             out.append(i)
     return tuple(out)
