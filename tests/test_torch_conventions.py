@@ -339,3 +339,38 @@ def test_onecyclelr_cycle_momentum_does_not_recompile():
         sched.step()
     assert len(seen) == 6
     assert counters["stats"]["unique_graphs"] == before, "a betas change recompiled"
+
+
+def _named_forms(m):
+    named = list(m.named_parameters())
+    return {
+        "named_parameters()": lambda: m.named_parameters(),
+        "list of pairs": lambda: list(named),
+        "groups of pairs": lambda: [{"params": named[:1]}, {"params": named[1:], "lr": 0.2}],
+        "group of a generator": lambda: [{"params": m.named_parameters()}],
+        "group of a tuple": lambda: [{"params": tuple(named)}],
+    }
+
+
+@pytest.mark.parametrize("form", list(_named_forms(torch.nn.Linear(1, 1))))
+def test_named_parameters_in_every_form_torch_accepts(form):
+    """Each form torch.optim accepts gives the same param_names, and a name
+    rule sees them."""
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    make = _named_forms(m)[form]
+    ours = lw.Optimizer(make(), lw.parse(NAME_RULE), compile=False)
+    theirs = torch.optim.SGD(make(), lr=0.1)
+    assert [g["param_names"] for g in ours.param_groups] == \
+        [g["param_names"] for g in theirs.param_groups]
+    assert ours.hypers_of("0.bias")["lr"] == 0.0 and ours.hypers_of("0.weight")["lr"] > 0
+
+
+NAME_RULE = """optimizer sgd_named
+hyper lr = 0.1 in [0, inf)
+for name ~ "bias" {
+  lr = 0 * lr
+}
+step {
+  w = w - lr * g
+}
+"""
