@@ -10,6 +10,7 @@ parameter sharing a dtype and device in a constant number of calls.
 from __future__ import annotations
 
 import numbers
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -50,7 +51,7 @@ class ParamRules:
 def _as_spec(spec) -> Spec:
     if isinstance(spec, Spec):
         return spec
-    if isinstance(spec, str):
+    if isinstance(spec, (str, os.PathLike)):
         return load(spec)
     raise TypeError(f"spec must be a layerwise.Spec, a preset name or a .lw path, "
                     f"not {type(spec).__name__}")

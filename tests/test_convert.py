@@ -1,18 +1,22 @@
 """lw.convert_state_dict: a torch.optim run continued by a preset.
 
-5 steps of torch.optim, its state converted and loaded into lw.Optimizer,
-5 more steps: equal (float64, 1e-12) to 10 steps of torch.optim.
+5 steps of torch.optim (or timm's Lamb / Lars), its state converted and
+loaded into lw.Optimizer, 5 more steps: equal (float64, 1e-12) to 10 steps
+of the original.
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 import layerwise as lw
+from timm_optim import timm_optim
 
 SHAPES = [(5, 4), (4,), (3, 2, 2, 2), ()]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "migrating"
 
 
 def _grads(steps: int, seed: int):
@@ -34,12 +38,27 @@ def _steps(opt, params, grads):
         opt.step()
 
 
+def _split(ps):
+    """Two param groups, the second without weight decay (timm: no trust ratio there)."""
+    return [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}]
+
+
 CASES = [
     ("AdamW", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False), "adamw"),
     ("Adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1, foreach=False), "adam"),
     ("SGD", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True,
                                        weight_decay=1e-3, foreach=False), "sgd"),
+    ("timm Lamb", lambda ps: timm_optim("lamb").Lamb(_split(ps), lr=0.01), "nvlamb"),
+    ("timm Lamb trust_clip", lambda ps: timm_optim("lamb").Lamb(
+        ps, lr=0.01, trust_clip=True, always_adapt=True, max_grad_norm=None),
+     EXAMPLES / "timm_lamb.lw"),
+    ("timm Lars", lambda ps: timm_optim("lars").Lars(
+        _split(ps), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+     EXAMPLES / "timm_lars.lw"),
 ]
+
+
+SPLIT = {"timm Lamb", "timm Lars"}
 
 
 @pytest.mark.parametrize("name, make, preset", CASES, ids=[c[0] for c in CASES])
@@ -54,7 +73,8 @@ def test_torch_run_continues_as_a_preset(name, make, preset):
     saved = first.state_dict()
     before = copy.deepcopy(saved)
     converted = lw.convert_state_dict(saved, preset)
-    opt = lw.Optimizer(resumed, preset, compile=False)
+    # the same param groups as the original (weight decay comes with the state dict)
+    opt = lw.Optimizer(_split(resumed) if name in SPLIT else resumed, preset, compile=False)
     opt.load_state_dict(converted)
     _steps(opt, resumed, grads[5:])
     for a, b in zip(resumed, straight):
@@ -80,3 +100,19 @@ def test_refusals_name_the_problem():
     _steps(adamw, params, _grads(1, seed=0))
     with pytest.raises(ValueError, match="this program's state is: m, step, v"):
         lw.Optimizer(params, "adamw", compile=False).load_state_dict(adamw.state_dict())
+
+
+def test_timm_flags_without_a_hyper_are_refused():
+    params = _params()
+    lamb = timm_optim("lamb").Lamb(params, trust_clip=True)
+    _steps(lamb, params, _grads(1, seed=0))
+    with pytest.raises(ValueError, match="param group 0: trust_clip=True changes the update and "
+                                         "'nvlamb' has no hyper 'trust_clip'"):
+        lw.convert_state_dict(lamb.state_dict(), "nvlamb")
+    decoupled = timm_optim("lamb").Lamb(params, decoupled_decay=True)
+    with pytest.raises(ValueError, match="decoupled_decay=True"):
+        lw.convert_state_dict(decoupled.state_dict(), EXAMPLES / "timm_lamb.lw")
+    # off, the same flags are dropped: nothing to reproduce
+    plain = timm_optim("lamb").Lamb(params)
+    groups = lw.convert_state_dict(plain.state_dict(), "nvlamb")["param_groups"]
+    assert "trust_clip" not in groups[0] and groups[0]["use_nvlamb"] == 0.0

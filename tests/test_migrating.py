@@ -1,18 +1,30 @@
 """docs/migrating.md: each row that names an installable library runs both
 optimizers on the same problem and compares them (float64, 10 steps).
 
-torch_optimizer.Lamb and torch.optim are installed with the ``test`` extra.
-Parameters include a 0-d tensor and a zero tensor (the ratio-1 rule).
+torch_optimizer.Lamb and torch.optim are installed with the ``test`` extra,
+timm by scripts/setup.sh (loaded without ``import timm``: tests/timm_optim.py).
+Parameters include a 0-d tensor and a zero tensor (the ratio-1 rule). Rows
+whose call passes ``[decay, no_decay]`` split the parameters into two param
+groups, the second with weight decay 0 (biases, 0-d and zero tensors), the
+same for both optimizers.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import jax
+import numpy as np
+import optax
 import pytest
+import pytorch_optimizer
 import torch
+import torch_optimizer
 
 import layerwise as lw
+from timm_optim import timm_optim
+
+jax.config.update("jax_enable_x64", True)      # optax rows compare in float64
 
 ROOT = Path(__file__).parents[1]
 STEPS = 10
@@ -23,7 +35,8 @@ def _problem(seed: int):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     params[-1].zero_()
-    grads = [[0.1 * torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    # gradients of global norm about 7: clipping at max_grad_norm = 1 is active
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
              for _ in range(STEPS)]
     return params, grads
 
@@ -38,21 +51,50 @@ def _run(make, params, grads):
     return [p.detach() for p in ps]
 
 
+def _split(ps):
+    """The parameters as [decay, no_decay] param groups (see the module docstring)."""
+    return [{"params": [ps[0], ps[2]]}, {"params": [ps[1], ps[3], ps[4]], "weight_decay": 0.0}]
+
+
 def _program(name: str) -> lw.Spec:
     return lw.load(ROOT / "examples" / "migrating" / f"{name}.lw")
 
 
 def _torch_optimizer_lamb(**kw):
-    torch_optimizer = pytest.importorskip("torch_optimizer")
     return lambda ps: torch_optimizer.Lamb(ps, **kw)
 
 
 def _pytorch_optimizer_lamb(**kw):
-    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
     return lambda ps: pytorch_optimizer.Lamb(ps, **kw)
 
 
-# (row id, theirs, program or preset, our hypers)
+def _timm(cls: str, split: bool = False, **kw):
+    module = timm_optim(cls.lower())
+    return lambda ps: getattr(module, cls)(_split(ps) if split else ps, **kw)
+
+
+class _Optax:
+    """An optax transformation driven like a torch optimizer: ``step()``
+    reads the parameters' ``.grad`` and writes the updated values back."""
+
+    def __init__(self, params, transformation):
+        self.params, self.tx = params, transformation
+        self.state = self.tx.init([jax.numpy.asarray(p.detach().numpy()) for p in params])
+
+    def step(self):
+        ps = [jax.numpy.asarray(p.detach().numpy()) for p in self.params]
+        gs = [jax.numpy.asarray(p.grad.numpy()) for p in self.params]
+        updates, self.state = self.tx.update(gs, self.state, ps)
+        with torch.no_grad():
+            for p, new in zip(self.params, optax.apply_updates(ps, updates)):
+                p.copy_(torch.from_numpy(np.array(new)))
+
+
+def _optax(name: str, **kw):
+    return lambda ps: _Optax(ps, getattr(optax, name)(**kw))
+
+
+# (row id, theirs, program or preset, our hypers); "[decay, no_decay]" in the id: _split
 ROWS = [
     ("torch_optimizer.Lamb()", _torch_optimizer_lamb(), "torch_optimizer_lamb", {}),
     ("torch_optimizer.Lamb(weight_decay=0.01, clamp_value=0.5)",
@@ -69,6 +111,32 @@ ROWS = [
     ("torch.optim.SGD(momentum=0.9, nesterov=True)",
      lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, foreach=False), "sgd",
      {"lr": 0.1, "momentum": 0.9, "nesterov": 1}),
+    ("timm.optim.Lamb()", _timm("Lamb"), "nvlamb", {}),
+    ("timm.optim.Lamb([decay, no_decay])", _timm("Lamb", split=True), "nvlamb", {}),
+    ("timm.optim.Lamb(trust_clip=True, always_adapt=True)",
+     _timm("Lamb", trust_clip=True, always_adapt=True), "timm_lamb",
+     {"trust_clip": 1, "use_nvlamb": 1}),
+    ("timm.optim.Lamb(max_grad_norm=None, bias_correction=False, grad_averaging=False)",
+     _timm("Lamb", max_grad_norm=None, bias_correction=False, grad_averaging=False), "nvlamb",
+     {"max_grad_norm": float("inf"), "bias_correction": 0, "grad_averaging": 0}),
+    ("timm.optim.Lars()", _timm("Lars"), "timm_lars", {}),
+    ("timm.optim.Lars([decay, no_decay], momentum=0.9, weight_decay=1e-4)",
+     _timm("Lars", split=True, momentum=0.9, weight_decay=1e-4), "timm_lars",
+     {"momentum": 0.9, "weight_decay": 1e-4}),
+    ("timm.optim.Lars(momentum=0.9, nesterov=True, trust_clip=True, always_adapt=True, lr=0.1)",
+     _timm("Lars", momentum=0.9, nesterov=True, trust_clip=True, always_adapt=True, lr=0.1),
+     "timm_lars", {"momentum": 0.9, "nesterov": 1, "trust_clip": 1, "always_adapt": 1, "lr": 0.1}),
+    ("optax.lamb(learning_rate=1e-3)", _optax("lamb", learning_rate=1e-3), "lamb",
+     {"weight_decay": 0}),
+    ("optax.lamb(learning_rate=1e-2, weight_decay=0.01)",
+     _optax("lamb", learning_rate=1e-2, weight_decay=0.01), "lamb", {"lr": 1e-2}),
+    ("optax.lars(learning_rate=0.1)", _optax("lars", learning_rate=0.1), "optax_lars",
+     {"lr": 0.1}),
+    ("optax.lars(learning_rate=0.1, weight_decay=1e-4, nesterov=True)",
+     _optax("lars", learning_rate=0.1, weight_decay=1e-4, nesterov=True), "optax_lars",
+     {"lr": 0.1, "weight_decay": 1e-4, "nesterov": 1}),
+    ("timm.optim.Lars(momentum=0.9, weight_decay=1e-4, eps=0)",
+     _timm("Lars", momentum=0.9, weight_decay=1e-4, eps=0), "lars", {"weight_decay": 1e-4}),
 ]
 
 
@@ -79,7 +147,9 @@ def test_migration_row_reproduces_the_library(row):
         else lw.load(ours)
     params, grads = _problem(seed=len(ours))
     want = _run(theirs, params, grads)
-    got = _run(lambda ps: lw.Optimizer(ps, spec, compile=False, **hypers), params, grads)
+    split = "[decay, no_decay]" in row[0]
+    got = _run(lambda ps: lw.Optimizer(_split(ps) if split else ps, spec, compile=False, **hypers),
+               params, grads)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
