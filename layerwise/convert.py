@@ -47,7 +47,7 @@ def convert_state_dict(state_dict: dict[str, Any], program: Spec | str) -> dict[
             ``dampening``, ``nesterov``, ...) and its states ``m``/``v`` or
             ``buf``: ``"nvlamb"`` for timm's Lamb (or
             ``examples/migrating/timm_lamb.lw`` with ``trust_clip``),
-            ``examples/migrating/timm_lars.lw`` for timm's Lars (see
+            ``"timm_lars"`` for timm's Lars (see
             docs/migrating.md).
 
     Returns:

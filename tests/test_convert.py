@@ -54,7 +54,7 @@ CASES = [
      EXAMPLES / "timm_lamb.lw"),
     ("timm Lars", lambda ps: timm_optim("lars").Lars(
         _split(ps), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
-     EXAMPLES / "timm_lars.lw"),
+     "timm_lars"),
 ]
 
 

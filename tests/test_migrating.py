@@ -20,6 +20,7 @@ import pytest
 import pytorch_optimizer
 import torch
 import torch_optimizer
+import transformers
 
 import layerwise as lw
 from timm_optim import timm_optim
@@ -31,12 +32,12 @@ STEPS = 10
 SHAPES = [(5, 4), (4,), (3, 2, 2, 2), (), (6,)]
 
 
-def _problem(seed: int):
+def _problem(seed: int, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     params[-1].zero_()
     # gradients of global norm about 7: clipping at max_grad_norm = 1 is active
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
              for _ in range(STEPS)]
     return params, grads
 
@@ -94,6 +95,11 @@ def _optax(name: str, **kw):
     return lambda ps: _Optax(ps, getattr(optax, name)(**kw))
 
 
+#: rows run on other shapes than SHAPES: transformers.Adafactor factors a
+#: tensor of more than 2 dims over its last two dims, the preset over dim 0
+#: against the rest (LANGUAGE.md section 10), so no conv weight there.
+ROW_SHAPES = {"transformers.Adafactor()": [(5, 4), (4,), (7, 1), (), (6,)]}
+
 # (row id, theirs, program or preset, our hypers); "[decay, no_decay]" in the id: _split
 ROWS = [
     ("torch_optimizer.Lamb()", _torch_optimizer_lamb(), "torch_optimizer_lamb", {}),
@@ -111,6 +117,7 @@ ROWS = [
     ("torch.optim.SGD(momentum=0.9, nesterov=True)",
      lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, foreach=False), "sgd",
      {"lr": 0.1, "momentum": 0.9, "nesterov": 1}),
+    ("transformers.Adafactor()", lambda ps: transformers.Adafactor(ps), "adafactor", {}),
     ("timm.optim.Lamb()", _timm("Lamb"), "nvlamb", {}),
     ("timm.optim.Lamb([decay, no_decay])", _timm("Lamb", split=True), "nvlamb", {}),
     ("timm.optim.Lamb(trust_clip=True, always_adapt=True)",
@@ -145,7 +152,7 @@ def test_migration_row_reproduces_the_library(row):
     _, theirs, ours, hypers = row
     spec = _program(ours) if (ROOT / "examples" / "migrating" / f"{ours}.lw").exists() \
         else lw.load(ours)
-    params, grads = _problem(seed=len(ours))
+    params, grads = _problem(seed=len(ours), shapes=ROW_SHAPES.get(row[0], SHAPES))
     want = _run(theirs, params, grads)
     split = "[decay, no_decay]" in row[0]
     got = _run(lambda ps: lw.Optimizer(_split(ps) if split else ps, spec, compile=False, **hypers),
@@ -154,8 +161,51 @@ def test_migration_row_reproduces_the_library(row):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+HF_TRAINER_ROW = "transformers.Trainer(args=TrainingArguments(weight_decay=0.01))"
+
+
+def test_hf_trainer_default_optimizer_is_adamw_with_a_name_rule(tmp_path):
+    """The Trainer's own AdamW over its [decay, no_decay] groups, against
+    examples/migrating/hf_trainer_adamw.lw on the model's named parameters
+    (a tiny random BERT, float64, 10 steps of fixed gradients)."""
+    config = transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=16,
+                                     max_position_embeddings=8)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).double()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), weight_decay=0.01,
+                                          learning_rate=1e-2, use_cpu=True, report_to=[])
+    theirs = transformers.Trainer(model=model, args=args).create_optimizer()
+    assert isinstance(theirs, torch.optim.AdamW)
+    names = [n for n, _ in model.named_parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in start]
+             for _ in range(STEPS)]
+
+    def run(opt):
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), start):
+                p.copy_(s)
+        for g in grads:
+            for p, x in zip(model.parameters(), g):
+                p.grad = x.clone()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    want = run(theirs)
+    ours = lw.Optimizer(model.named_parameters(), _program("hf_trainer_adamw"), compile=False,
+                        lr=1e-2, weight_decay=0.01)
+    decayed = {n for g in theirs.param_groups if g["weight_decay"] for n in
+               [names[i] for i, p in enumerate(model.parameters()) if any(p is q for q in g["params"])]}
+    assert decayed and decayed == {n for n in names if ours.hypers_of(n)["weight_decay"] > 0}
+    got = run(ours)
+    for n, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
+
+
 def test_every_row_of_the_guide_is_tested():
     """Each library call in the guide's tables is a row here, and back."""
     text = (ROOT / "docs" / "migrating.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `([^`]+)` \|", text, re.M))
-    assert documented == {r[0] for r in ROWS}
+    assert documented == {r[0] for r in ROWS} | {HF_TRAINER_ROW}

@@ -17,7 +17,7 @@ from .adaptations import Trust
 from .base import ReferenceOptimizer, l2norm
 from .classic import Adam, AdamW, Lion, Sgd
 from .lamb_family import Lamb, LambC, NvLamb
-from .lars_family import Larc, Lars, LarsLambPaper
+from .lars_family import Larc, Lars, LarsLambPaper, TimmLars
 from .units import Adafactor, LambRowwise
 from .variants import DeepSpeedLamb, KerasLamb, LambNoBiasCorrection, LarsClipped, RAdamLamb
 
@@ -28,6 +28,7 @@ REFERENCES: dict[str, type[ReferenceOptimizer]] = {
     "lars": Lars,
     "lars_lamb_paper": LarsLambPaper,
     "larc": Larc,
+    "timm_lars": TimmLars,
     "adam": Adam,
     "adamw": AdamW,
     "sgd": Sgd,

@@ -1,4 +1,4 @@
-"""LARS and its variants: LARS (paper), LARS as stated in the LAMB paper, LARC (apex)."""
+"""LARS and its variants: LARS (paper), LARS as stated in the LAMB paper, LARC (apex), timm's LARS."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import numpy as np
 from .base import ReferenceOptimizer, l2norm
 from .classic import sgd_direction
 
-__all__ = ["Lars", "LarsLambPaper", "Larc"]
+__all__ = ["Lars", "LarsLambPaper", "Larc", "TimmLars"]
 
 
 class Lars(ReferenceOptimizer):
@@ -100,3 +100,38 @@ class Larc(ReferenceOptimizer):
             g = (g + wd * w) * adaptive_lr
         w[...] = w - lr * sgd_direction(g, state, h)
         return {"tr": adaptive_lr}
+
+
+class TimmLars(ReferenceOptimizer):
+    """LARS as timm computes it: timm.optim.Lars (timm 1.0.31,
+    timm/optim/lars.py, ``_single_tensor_lars`` and ``_lars_trust_ratio``),
+    after arXiv:1708.03888, Algorithm 1:
+
+        if weight_decay != 0 or always_adapt:
+            r = trust_coeff * ||p|| / (||g|| + weight_decay * ||p|| + eps)
+                (1 when ||p|| or ||g|| is zero)
+            if trust_clip: r = min(r / lr, 1)
+            g = (g + weight_decay * p) * r
+        SGD (torch.optim.SGD's rule, weight decay already in g): p -= lr * d
+
+    Records r as ``tr`` (computed even where it is not applied, as the
+    program does).
+    """
+
+    defaults = {"lr": 1.0, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                "nesterov": 0, "trust_coeff": 0.001, "eps": 1e-8, "trust_clip": 0,
+                "always_adapt": 0}
+    watch = ("tr",)
+
+    def update(self, w, g, state, t, h, context, name):
+        wd, lr = h["weight_decay"], h["lr"]
+        w_norm, g_norm = l2norm(w), l2norm(g)
+        r = 1.0
+        if w_norm > 0 and g_norm > 0:
+            r = h["trust_coeff"] * w_norm / (g_norm + wd * w_norm + h["eps"])
+        if h["trust_clip"]:
+            r = min(r / lr, 1.0)
+        if wd != 0 or h["always_adapt"]:
+            g = (g + wd * w) * r
+        w[...] = w - lr * sgd_direction(g, state, h)
+        return {"tr": r}
