@@ -15,7 +15,6 @@ Needs ``pip install 'layerwise[hf]'`` (transformers, accelerate, tensorboard).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -44,13 +43,7 @@ class Windows(torch.utils.data.Dataset):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory (TensorBoard runs/)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-2)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the step (a cold compile costs 10-30 s on a CPU)")
-    args = parser.parse_args(argv)
+    args = tiny_bert.arguments(__doc__.splitlines()[0], argv)
 
     model = tiny_bert.model(seed=0)
     gen = torch.Generator().manual_seed(0)

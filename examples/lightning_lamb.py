@@ -16,7 +16,6 @@ this file. Needs ``pip install 'layerwise[lightning]'``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -56,13 +55,7 @@ class MaskedLM(pl.LightningModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory (TensorBoard logs)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-2)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the step (a cold compile costs 10-30 s on a CPU)")
-    args = parser.parse_args(argv)
+    args = tiny_bert.arguments(__doc__.splitlines()[0], argv)
 
     pl.seed_everything(0, verbose=False)
     gen = torch.Generator().manual_seed(0)

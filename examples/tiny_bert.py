@@ -14,6 +14,9 @@ hidden 64, 2 layers, 2 heads, intermediate 128.
 """
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
@@ -54,3 +57,15 @@ def model(seed: int = 0) -> BertForMaskedLM:
                         num_attention_heads=2, intermediate_size=128,
                         max_position_embeddings=SEQ, pad_token_id=PAD)
     return BertForMaskedLM(config)
+
+
+def arguments(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The examples' command line: ``--out DIR`` (required), ``--steps``
+    (300), ``--lr`` (2e-2), ``--compile``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (TensorBoard logs)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (a cold compile costs 10-30 s on a CPU)")
+    return parser.parse_args(argv)
