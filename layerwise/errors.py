@@ -6,10 +6,27 @@ from one, so the message can always quote the offending line with a caret.
 from __future__ import annotations
 
 import difflib
+import functools
+import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
-__all__ = ["Span", "SpecError", "Problem", "suggest"]
+__all__ = ["Span", "SpecError", "Problem", "suggest", "SUGGEST_MAX_CANDIDATES",
+           "SUGGEST_MAX_LENGTH"]
+
+
+@functools.lru_cache(maxsize=16)
+def _line_starts(source: str) -> list[int]:
+    r"""Offsets where each line of ``source`` starts (lines end at ``\n`` only).
+
+    Cached: every span of a file shares its ``source``, so quoting many
+    problems of one file scans it once.
+    """
+    return [0, *(m.end() for m in re.finditer("\n", source))]
+
+
+#: str.splitlines() breaks at these besides \n; a quoted line shows them as spaces.
+_NOT_LINE_ENDS = {ord(c): " " for c in "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 @dataclass(frozen=True)
@@ -38,9 +55,18 @@ class Span:
         return hash((self.filename, self.line, self.column, self.end_column))
 
     def source_line(self) -> str:
-        """The text of ``line`` without its newline ('' if unknown)."""
-        lines = self.source.splitlines()
-        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        r"""The text of ``line`` without its newline ('' if unknown).
+
+        Lines end only at ``\n`` (a ``\r`` before it is dropped), as line
+        numbers count them: form feed, ``\v``, ``\x1c``-``\x1e``, ``\x85``
+        and U+2028/2029 are characters of a line, not ends of lines.
+        """
+        starts = _line_starts(self.source)
+        if not 0 < self.line <= len(starts):
+            return ""
+        start = starts[self.line - 1]
+        end = starts[self.line] - 1 if self.line < len(starts) else len(self.source)
+        return self.source[start:end].removesuffix("\r")
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,9 @@ class Problem:
     def render(self) -> str:
         """``FILE:LINE:COL: message`` followed by the quoted line and a caret."""
         head = f"{self.span.filename}:{self.span.line}:{self.span.column}: {self.message}"
-        text = self.span.source_line()
+        # characters that str.splitlines() (and so a reader of the message)
+        # takes for line ends are shown as spaces, keeping the caret aligned
+        text = self.span.source_line().translate(_NOT_LINE_ENDS)
         if not text:
             return head
         width = max(1, min(self.span.end_column, len(text) + 1) - self.span.column)
@@ -102,7 +130,28 @@ class SpecError(ValueError):
                 for p in self.problems]
 
 
+#: :func:`suggest` compares a name with at most this many known names, each
+#: at most :data:`SUGGEST_MAX_LENGTH` long, and suggests nothing beyond: a
+#: program with thousands of unknown names in a scope of thousands of names
+#: would otherwise take time quadratic in its length.
+SUGGEST_MAX_CANDIDATES = 500
+SUGGEST_MAX_LENGTH = 100
+
+
 def suggest(name: str, known: Iterable[str]) -> str:
-    """A ``"; did you mean 'x'?"`` suffix naming the closest known name, or ''."""
-    close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
+    """A ``"; did you mean 'x'?"`` suffix naming the closest known name, or ''.
+
+    Gives '' without comparing when ``known`` holds more than
+    :data:`SUGGEST_MAX_CANDIDATES` names or ``name`` is longer than
+    :data:`SUGGEST_MAX_LENGTH`, so one call costs at most a bounded time.
+    """
+    if len(name) > SUGGEST_MAX_LENGTH:
+        return ""
+    if not isinstance(known, Collection):
+        known = list(known)
+    if len(known) > SUGGEST_MAX_CANDIDATES:
+        return ""
+    candidates = {k for k in known if len(k) <= SUGGEST_MAX_LENGTH}
+    # ties are broken by the names themselves, so the order of ``known`` is irrelevant
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""

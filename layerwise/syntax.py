@@ -9,11 +9,30 @@ that parses to the same tree.
 Node equality ignores spans (``compare=False``), so a tree parsed from
 printed text equals the original. Expression nodes carry a ``kind`` that is
 ``None`` in a syntax tree and set by the checker (``layerwise.check``).
+
+Limits (LANGUAGE.md section 2). Parsing and tree building never recurse per
+nesting level, and every later stage gets trees of bounded depth:
+
+- :data:`MAX_NESTING` (200): how deeply operators, calls, ``-``/``+``/``not``
+  and ``^`` may nest inside one expression. A chain of one left-associative
+  operator (``a + b - c + ...``, ``a * b / c``, ``a and b and c``) counts as
+  one level however long it is; parentheses alone add no level.
+- :data:`MAX_DEPTH` (400): the depth of an expression's syntax tree, where
+  each operator of such a chain is one level. The checker and the lowering
+  recurse once or twice per level of this tree, so this bound keeps them
+  well inside Python's default recursion limit. The checker's own limit,
+  after defs are inlined, is lower (``check.MAX_EXPRESSION_DEPTH``, 200
+  levels counted its way), so that is the limit a program meets.
+
+Deeper input is a :class:`~layerwise.errors.SpecError` at the construct that
+crosses the limit. Equality and hashing of expression nodes do not recurse
+either, so any tree the parser returns can be compared, hashed and cached.
 """
 from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -27,7 +46,7 @@ __all__ = [
     "Range", "Assign", "OptimizerDecl", "AdaptDecl", "HyperDecl", "StateDecl", "DefDecl",
     "RuleDecl", "WatchDecl", "StepDecl", "Decl", "Program",
     "parse_text", "parse_fragment", "format_program", "format_expr", "format_number",
-    "RESERVED",
+    "RESERVED", "MAX_NESTING", "MAX_DEPTH", "walk", "expr_depth",
 ]
 
 _NOSPAN = Span("<none>", 0, 0, 0)
@@ -35,6 +54,14 @@ _NOSPAN = Span("<none>", 0, 0, 0)
 #: Words that cannot be names (LANGUAGE.md section 2; the grammar's NAME excludes them).
 RESERVED = frozenset({"optimizer", "extends", "hyper", "state", "def", "step", "for", "watch",
                       "in", "and", "or", "not", "true", "false", "inf"})
+
+
+#: Deepest nesting of operators, calls, prefix operators and ``^`` in one
+#: expression; a chain of one left-associative operator counts once.
+MAX_NESTING = 200
+
+#: Deepest expression syntax tree, counting each operator of a chain.
+MAX_DEPTH = 400
 
 
 def _span() -> Span:
@@ -109,6 +136,92 @@ def children(e: Expr) -> tuple:
     if isinstance(e, Call):
         return e.args
     return ()
+
+
+def walk(e: Expr):
+    """Every node of ``e``, parents before children (left to right), without recursion."""
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(children(node)))
+
+
+def expr_depth(e: Expr) -> int:
+    """The depth of ``e``'s tree (1 for a leaf), computed without recursion."""
+    deepest = 0
+    stack = [(e, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((c, level + 1) for c in children(node))
+    return deepest
+
+
+# Equality and hashing of expression nodes compare the same fields as the
+# dataclass methods would (everything but ``span``), but walk the trees with
+# a stack instead of recursing, so that a deep tree (a long sum is a
+# left-deep tree) can be compared and used as a dict key. A node's hash is
+# cached on it (nodes are immutable); the cache is not pickled.
+_LEAF_FIELDS = {"Num": ("value", "kind"), "Name": ("id", "kind"), "Str": ("value", "kind"),
+                "Unary": ("op", "kind"), "Binary": ("op", "kind"), "Call": ("func", "kind")}
+
+
+def _expr_eq(a, b):
+    if a.__class__ is not b.__class__:
+        return NotImplemented
+    stack = [(a, b)]
+    seen: set[tuple[int, int]] = set()      # pairs already compared (trees may share nodes)
+    while stack:
+        x, y = stack.pop()
+        if x is y or (id(x), id(y)) in seen:
+            continue
+        seen.add((id(x), id(y)))
+        if x.__class__ is not y.__class__:
+            return False
+        for f in _LEAF_FIELDS[x.__class__.__name__]:
+            vx, vy = getattr(x, f), getattr(y, f)
+            if not (vx is vy or vx == vy):
+                return False
+        cx, cy = children(x), children(y)
+        if len(cx) != len(cy):
+            return False
+        stack.extend(zip(cx, cy))
+    return True
+
+
+def _expr_hash(e) -> int:
+    h = e.__dict__.get("_hash")
+    if h is not None:
+        return h
+    stack = [e]
+    while stack:
+        node = stack[-1]
+        if "_hash" in node.__dict__:
+            stack.pop()
+            continue
+        todo = [c for c in children(node) if "_hash" not in c.__dict__]
+        if todo:
+            stack.extend(todo)
+            continue
+        stack.pop()
+        key = tuple(getattr(node, f) for f in _LEAF_FIELDS[node.__class__.__name__])
+        object.__setattr__(node, "_hash", hash((node.__class__.__name__, key,
+                                                tuple(c._hash for c in children(node)))))
+    return e._hash
+
+
+def _expr_getstate(e) -> dict:
+    state = dict(e.__dict__)
+    state.pop("_hash", None)
+    return state
+
+
+for _cls in (Num, Name, Str, Unary, Binary, Call):
+    _cls.__eq__ = _expr_eq
+    _cls.__hash__ = _expr_hash
+    _cls.__getstate__ = _expr_getstate
+del _cls
 
 
 # ---------------------------------------------------------------- declarations
@@ -233,39 +346,62 @@ class Program:
 class _ParenNewlines:
     """Postlexer: a newline inside ``( )`` does not end a statement.
 
-    It also keeps the brackets that are open (``self.open``, innermost
-    last) so that a syntax error can name an unclosed ``(`` or ``{``.
+    It also keeps the brackets that are open (:attr:`open`, innermost last)
+    so that a syntax error can name an unclosed ``(`` or ``{``. The Lark
+    parser, and so this object, is shared by every thread: the record is
+    kept per thread, and each parse starts a new one.
     """
 
     always_accept = ("_NL",)
 
     def __init__(self):
-        self.open: list[lark.Token] = []
+        self._local = threading.local()
+
+    @property
+    def open(self) -> list[lark.Token]:
+        """The brackets left open where this thread's last parse stopped."""
+        return getattr(self._local, "open", [])
+
+    @property
+    def seen(self) -> int:
+        """Where the last token this thread's last parse passed on starts (-1: none)."""
+        return getattr(self._local, "seen", -1)
 
     def process(self, stream):
-        self.open = opened = []
+        """Drop the newlines inside ``( )`` from ``stream`` (a generator)."""
+        local = self._local
+        local.open = opened = []
+        local.seen = -1
+        parens = 0                       # how many of ``opened`` are '('
         for tok in stream:
-            if tok.type in ("LPAR", "LBRACE"):
+            local.seen = tok.start_pos
+            kind = tok.type
+            if kind == "LPAR" or kind == "LBRACE":
                 opened.append(tok)
-            elif tok.type in ("RPAR", "RBRACE"):
-                want = "LPAR" if tok.type == "RPAR" else "LBRACE"
+                parens += kind == "LPAR"
+            elif kind == "RPAR" or kind == "RBRACE" or kind == "RBOUND":
+                # a ')' the parser does not expect may be lexed as a range's RBOUND
+                want = "LBRACE" if kind == "RBRACE" else "LPAR"
                 if opened and opened[-1].type == want:
                     opened.pop()
-            elif tok.type == "_NL" and any(t.type == "LPAR" for t in opened):
+                    parens -= want == "LPAR"
+            elif kind == "_NL" and parens:
                 continue
             yield tok
 
 
 _PARSER: lark.Lark | None = None
+_PARSER_LOCK = threading.Lock()
 
 
 def _parser() -> lark.Lark:
     global _PARSER
-    if _PARSER is None:
-        _PARSER = lark.Lark(grammar_text(), parser="lalr", lexer="contextual",
-                            postlex=_ParenNewlines(), propagate_positions=True,
-                            maybe_placeholders=True)
-    return _PARSER
+    with _PARSER_LOCK:
+        if _PARSER is None:
+            _PARSER = lark.Lark(grammar_text(), parser="lalr", lexer="contextual",
+                                postlex=_ParenNewlines(), propagate_positions=True,
+                                maybe_placeholders=True)
+        return _PARSER
 
 
 _TOKEN_WORDS = {
@@ -279,13 +415,20 @@ _TOKEN_WORDS = {
     "_AND": "'and'", "_OR": "'or'", "_NOT": "'not'", "TRUE": "'true'", "FALSE": "'false'",
 }
 
+#: Longest piece of the program a message quotes in full (the caret line shows all).
+_QUOTE = 40
+
+
+def _clip(word: str) -> str:
+    return word if len(word) <= _QUOTE else word[:_QUOTE - 10] + "..." + word[-7:]
+
 
 def _describe(tok: lark.Token) -> str:
     if tok.type == "$END":
         return "end of file"
     if tok.type == "_NL":
         return "end of line"
-    return f"'{tok}'"
+    return f"'{_clip(str(tok))}'"
 
 
 def _expected(names) -> str:
@@ -295,8 +438,13 @@ def _expected(names) -> str:
     return "; expected " + ", ".join(words)
 
 
-_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")   # the grammar's NUMBER
+# the grammar's NUMBER, written so that a failed fullmatch cannot backtrack
+# quadratically (``\d+\.?\d*`` can split a run of digits in n ways)
+_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _BAD_NUMBER = re.compile(r"(?:\d|\.\d)(?:[eE][+-]|[\w.])*")
+# what a line that starts a statement looks like (a declaration or ``NAME =``)
+_STATEMENT_HEAD = re.compile(r"[ \t\f]*(?:(?:optimizer|adaptation|adapt|hyper|state|def|step|"
+                             r"for|watch)(?!\w)|\w+[ \t\f]*=(?!=))")
 
 
 def _bad_number(text: str, pos: int) -> tuple[int, str] | None:
@@ -312,19 +460,47 @@ def _bad_number(text: str, pos: int) -> tuple[int, str] | None:
     return start, m.group()
 
 
+def _line_text(text: str, line: int) -> str:
+    """Line ``line`` (1-based) of ``text``; lines end only at ``\\n``."""
+    start = 0
+    for _ in range(line - 1):
+        start = text.find("\n", start) + 1
+        if start == 0:
+            return ""
+    end = text.find("\n", start)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def _starts_statement(tok: lark.Token, text: str) -> bool:
+    """Whether ``tok`` is in the head of what looks like a new statement on its line."""
+    line = _line_text(text, tok.line)
+    m = _STATEMENT_HEAD.match(line)
+    return m is not None and tok.column - 1 < m.end()
+
+
 def _syntax_problem(err: lark.exceptions.UnexpectedInput, filename: str, text: str) -> Problem:
     line = getattr(err, "line", None)
     column = getattr(err, "column", None)
     if not isinstance(line, int) or line < 1:
-        lines = text.splitlines() or [""]
-        line, column = len(lines), len(lines[-1]) + 1
-    opened = list(_parser().options.postlex.open)
+        line = text.count("\n") + 1
+        column = len(text) - (text.rfind("\n") + 1) + 1
+    postlex = _parser().options.postlex
+    opened = list(postlex.open)
     tok = getattr(err, "token", None)
-    # An unclosed bracket: the end of the file (or a '}' while a '(' is open)
-    # is where the parser notices, but the fault is the opening bracket.
+    # The contextual lexer rejects a token the parser cannot take before the
+    # postlexer sees it: a rejected ')' or '}' still closes its bracket.
+    if tok is not None and opened and tok.type in ("RPAR", "RBRACE", "RBOUND") \
+            and isinstance(tok.start_pos, int) and tok.start_pos > postlex.seen \
+            and opened[-1].type == ("LBRACE" if tok.type == "RBRACE" else "LPAR"):
+        opened.pop()
+    # An unclosed bracket: the end of the file (or a '}' while a '(' is open,
+    # or a new statement on a later line) is where the parser notices, but
+    # the fault is the opening bracket.
     if isinstance(err, (lark.exceptions.UnexpectedToken, lark.exceptions.UnexpectedEOF)) \
             and opened and (tok is None or tok.type == "$END"
-                            or (tok.type == "RBRACE" and opened[-1].type == "LPAR")):
+                            or (tok.type == "RBRACE" and opened[-1].type == "LPAR")
+                            or (opened[-1].type == "LPAR" and opened[-1].line < tok.line
+                                and _starts_statement(tok, text))):
         br = opened[-1]
         return Problem(Span(filename, br.line, br.column, br.column + 1, text),
                        f"syntax error: '{br}' is never closed")
@@ -336,7 +512,7 @@ def _syntax_problem(err: lark.exceptions.UnexpectedInput, filename: str, text: s
             bline = text.count("\n", 0, start) + 1
             bcol = start - (text.rfind("\n", 0, start) + 1) + 1
             return Problem(Span(filename, bline, bcol, bcol + len(word), text),
-                           f"syntax error: malformed number '{word}'")
+                           f"syntax error: malformed number '{_clip(word)}'")
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
         msg = f"syntax error: unexpected character {ch!r}"
@@ -364,20 +540,78 @@ def _syntax_problem(err: lark.exceptions.UnexpectedInput, filename: str, text: s
     return Problem(Span(filename, line, column, column + width, text), msg)
 
 
+# Rules of the parse tree that are one level of nesting (MAX_NESTING). A
+# chain ``a + b + c`` is one ``sum`` node; parentheses make no node.
+_NESTING_RULES = frozenset({"or_expr", "and_expr", "not_op", "comparison", "match", "sum",
+                            "product", "unary_op", "power", "call"})
+
+
+def _check_nesting(tree: lark.Tree, filename: str, text: str) -> None:
+    """SpecError at the first construct nested deeper than MAX_NESTING."""
+    stack = [(tree, 0)]
+    while stack:
+        node, level = stack.pop()
+        if node.data in _NESTING_RULES:
+            level += 1
+            if level > MAX_NESTING:
+                meta = node.meta
+                raise SpecError(Problem(
+                    Span(filename, meta.line, meta.column, meta.column + 1, text),
+                    f"expression nested too deeply: more than {MAX_NESTING} levels of "
+                    "operators, calls or '^' (the limit); split it into several assignments"))
+        stack.extend((c, level) for c in reversed(node.children) if isinstance(c, lark.Tree))
+
+
+def _decl_exprs(d: Decl) -> list[Expr]:
+    if isinstance(d, StateDecl):
+        return [d.init]
+    if isinstance(d, DefDecl):
+        return [d.body]
+    if isinstance(d, RuleDecl):
+        return [d.predicate, *(a.value for a in d.assigns)]
+    if isinstance(d, StepDecl):
+        return [a.value for a in d.body]
+    return []
+
+
+def _check_depth(program: Program) -> None:
+    """SpecError at the first expression whose tree is deeper than MAX_DEPTH."""
+    for d in program.decls:
+        for e in _decl_exprs(d):
+            stack = [(e, 1)]
+            while stack:
+                node, level = stack.pop()
+                if level > MAX_DEPTH:
+                    raise SpecError(Problem(node.span, (
+                        f"expression too deep: its tree has more than {MAX_DEPTH} levels "
+                        "(the limit; each operator of a chain like a + b + c is one level); "
+                        "split it into several assignments")))
+                stack.extend((c, level + 1) for c in reversed(children(node)))
+
+
 def parse_text(text: str, filename: str = "<string>") -> Program:
     """Parse the text of a ``.lw`` program into a syntax tree.
 
     Only syntax is checked here; names, kinds and the other rules of
-    LANGUAGE.md sections 3-7 are checked by ``layerwise.check``.
+    LANGUAGE.md sections 3-7 are checked by ``layerwise.check``. A byte
+    order mark (U+FEFF) at the start of ``text`` is ignored. Time and memory
+    are linear in the length of ``text``, and nothing recurses per nesting
+    level; an expression nested deeper than :data:`MAX_NESTING` or with a
+    tree deeper than :data:`MAX_DEPTH` is an error.
 
     Raises:
-        SpecError: on a syntax error, with its file, line and column.
+        SpecError: on a syntax error or a limit exceeded, with its file,
+            line and column.
     """
+    text = text.removeprefix("\ufeff")
     try:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise SpecError(_syntax_problem(err, filename, text)) from None
-    return _Build(filename, text).transform(tree)
+    _check_nesting(tree, filename, text)
+    program = _Build(filename, text).transform(tree)
+    _check_depth(program)
+    return program
 
 
 def parse_fragment(text: str, filename: str = "<override>") -> Program:
@@ -385,8 +619,12 @@ def parse_fragment(text: str, filename: str = "<override>") -> Program:
     return parse_text(text, filename)
 
 
-class _Build(lark.Transformer):
-    """Lark parse tree -> syntax nodes; one method per grammar rule."""
+class _Build(lark.visitors.Transformer_NonRecursive):
+    """Lark parse tree -> syntax nodes; one method per grammar rule.
+
+    Non-recursive (an explicit stack), so deep nesting cannot overflow
+    Python's stack here.
+    """
 
     def __init__(self, filename: str, source: str):
         super().__init__(visit_tokens=False)
