@@ -13,6 +13,29 @@ of it (after inlining) is computed into a local named after the def, just
 before the statement that holds it, and that local is watched; the value
 and the updates are unchanged.
 
+Limits (each gives a :class:`~layerwise.errors.SpecError` at the place
+that reaches it, never unbounded work or a crash):
+
+- :data:`MAX_DEF_EXPANSION` nodes: the size of any expression after its
+  ``def`` calls are inlined (a def called twice by a def called twice ...
+  doubles at every level). Inlining shares the trees of equal calls, so
+  checking is linear in the program up to the limit.
+- :data:`MAX_EXPRESSION_DEPTH`: how deeply an expression may nest once its
+  defs are inlined.
+- :data:`MAX_PROBLEMS`: at most this many problems are reported (the
+  first ones, in file order); "did you mean" looks at no more than
+  :data:`MAX_SUGGESTION_CANDIDATES` names.
+- A ``name ~ "regex"`` pattern may not repeat something that itself holds a
+  repetition or an alternative (``(a+)+``, ``(a|aa)*``, ``(a?){9}``), use a
+  backreference, or hold more than :data:`MAX_REGEX_REPEATS` repetitions
+  (``*``, ``+``, ``{m,n}`` with n > 1): Python's backtracking ``re`` takes
+  exponential or high-polynomial time on some names with those, and the
+  names come from the user's model (``layerwise.rules`` also bounds the name
+  length it matches).
+- A hyper may not be named like a key that ``torch.optim`` or its LR
+  schedulers keep in ``param_groups`` (:data:`RESERVED_GROUP_KEYS`): a hyper
+  is a param_groups key.
+
 The result, :class:`CheckedProgram`, holds only hypers, states, rules,
 watches and a step whose expressions have no ``def`` calls left and carry
 their kind; the lowering (``layerwise.lower``) trusts it.
@@ -32,7 +55,30 @@ from .extends import Declarations, collect
 from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary, children,
                      format_expr, format_number)
 
-__all__ = ["Hyper", "State", "Rule", "CheckedProgram", "check_program", "check_declarations"]
+__all__ = ["Hyper", "State", "Rule", "CheckedProgram", "check_program", "check_declarations",
+           "MAX_DEF_EXPANSION", "MAX_EXPRESSION_DEPTH", "MAX_PROBLEMS",
+           "MAX_SUGGESTION_CANDIDATES", "MAX_REGEX_REPEATS", "RESERVED_GROUP_KEYS",
+           "regex_problem"]
+
+#: The most nodes an expression may have once its def calls are inlined.
+MAX_DEF_EXPANSION = 10_000
+
+#: The deepest an expression may nest once its def calls are inlined.
+MAX_EXPRESSION_DEPTH = 200
+
+#: The most problems one SpecError reports.
+MAX_PROBLEMS = 100
+
+#: The most known names a "did you mean" suggestion compares against.
+MAX_SUGGESTION_CANDIDATES = 500
+
+#: The most repetitions (``*``, ``+``, ``{m,n}`` with n > 1) a name pattern may hold.
+MAX_REGEX_REPEATS = 2
+
+#: ``param_groups`` keys of torch.optim and its LR schedulers (and ``betas``,
+#: which ``lw.Optimizer`` maps to ``beta1``, ``beta2``): not hyper names.
+RESERVED_GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "betas", "max_lr",
+                                 "min_lr", "max_momentum", "base_momentum", "swa_lr"})
 
 @dataclass(frozen=True)
 class Hyper:
@@ -197,12 +243,23 @@ class _Scope:
     context: str                       # 'step', 'init' or 'predicate'
     env: dict[str, str]                # visible names -> kind
     fresh: set[str] = field(default_factory=set)   # assigned earlier in this step
-    later: set[str] = field(default_factory=set)   # assigned later in this step
+    later: "set[str] | _Later" = field(default_factory=set)   # assigned later in this step
     subst: dict[str, Expr] = field(default_factory=dict)  # def arguments
     stack: tuple[str, ...] = ()        # defs being inlined
     call_line: int = 0
     call_file: str = ""                # where the outermost def call is
     in_global: bool = False
+
+
+class _Later:
+    """Names assigned at statement ``i`` or later and not yet known in ``env``
+    (a membership test, O(1): no set built per statement)."""
+
+    def __init__(self, last: dict[str, int], i: int, env: dict):
+        self.last, self.i, self.env = last, i, env
+
+    def __contains__(self, name: str) -> bool:
+        return name not in self.env and self.last.get(name, -1) >= self.i
 
 
 #: Hyper ``lr`` of an adaptation: the learning rate its base used (read-only).
@@ -224,6 +281,13 @@ class _Checker:
             n: [] for n in self.watched_defs}  # (call span, kind, inside a global reduction)
         self.hoisted: list[Assign] = []    # hoisted calls of the statement being checked
         self.def_seen: set[str] = set()    # watched defs called in the step (even if faulty)
+        # inlined calls of this statement: (def, argument and scope ids) -> value,
+        # so equal calls share one tree (linear work, not exponential)
+        self.shared: dict[tuple, tuple[Expr | None, tuple]] = {}
+        # id(node) -> (node, size, depth) of checked expressions
+        self.sizes: dict[int, tuple[Expr, int, int]] = {}
+        self.depth = 0                     # nesting of expr() calls
+        self.too_deep = False
 
     def bad(self, span: Span, message: str, scope: _Scope | None = None) -> None:
         if scope is not None and scope.stack:
@@ -234,7 +298,22 @@ class _Checker:
             where = (f"line {scope.call_line}" if scope.call_file == span.filename
                      else f"{PurePath(scope.call_file).name}:{scope.call_line}")
             message += f" (in def '{scope.stack[-1]}' called at {where})"
-        self.problems.append(Problem(span, message))
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem(span, message))
+        elif len(self.problems) == MAX_PROBLEMS:
+            self.problems.append(Problem(span, f"too many problems: stopping after "
+                                               f"{MAX_PROBLEMS}"))
+
+    def suggest(self, name: str, known) -> str:
+        """``suggest`` over at most MAX_SUGGESTION_CANDIDATES names (none once
+        the problems are capped): bounded work for any number of faults."""
+        if len(self.problems) >= MAX_PROBLEMS:
+            return ""
+        known = list(dict.fromkeys(known))
+        if len(known) > MAX_SUGGESTION_CANDIDATES:
+            near = [k for k in known if abs(len(k) - len(name)) <= 2]
+            known = near[-MAX_SUGGESTION_CANDIDATES:]
+        return suggest(name, known)
 
     # ------------------------------------------------------------ driver
     def run(self) -> CheckedProgram:
@@ -278,6 +357,11 @@ class _Checker:
                                     "the base's update per unit of learning rate")
                                  + ") and cannot be declared")
                 continue
+            if h.name in RESERVED_GROUP_KEYS:
+                self.bad(h.span, f"'{h.name}' is a key that torch.optim or its LR schedulers "
+                                 "keep in param_groups, and a hyper is a param_groups key "
+                                 "(LANGUAGE.md section 3); rename this hyper")
+                continue
             r = h.range
             if r is not None and (r.lo > r.hi or (r.lo == r.hi and not (r.lo_closed and r.hi_closed))):
                 self.bad(r.span, f"empty range {r} for hyper '{h.name}'")
@@ -319,7 +403,7 @@ class _Checker:
                          else BUILTINS[node.func].arity if node.func in BUILTINS else None)
                 if arity is None:
                     self.bad(node.span, f"unknown function '{node.func}'"
-                             + suggest(node.func, [*BUILTINS, *self.d.defs])
+                             + self.suggest(node.func, [*BUILTINS, *self.d.defs])
                              + f" (in def '{d.name}')")
                 elif arity != len(node.args):
                     what = (f"def '{node.func}'" if node.func in self.d.defs
@@ -365,7 +449,7 @@ class _Checker:
         """A checked rule assignment's value (LANGUAGE.md section 11), or None."""
         if a.target not in self.d.hypers and a.target != "row_block":
             self.bad(a.span, f"'{a.target}' is not a hyper; a for rule may only set "
-                             "hypers (and row_block)" + suggest(a.target, self.d.hypers))
+                             "hypers (and row_block)" + self.suggest(a.target, self.d.hypers))
             return None
         env = {**{h: "const" for h in self.d.hypers}, **{n: "const" for n in RULE_NAMES}}
         value = self.expr(a.value, _Scope("rule", env))
@@ -407,7 +491,7 @@ class _Checker:
             if e.id not in PREDICATE_NAMES:
                 self.bad(e.span, f"unknown name '{e.id}' in a for predicate; predicates use "
                                  "ndim, numel, rows, cols and name"
-                         + suggest(e.id, PREDICATE_NAMES))
+                         + self.suggest(e.id, PREDICATE_NAMES))
                 return None
             return replace(e, kind="const")
         if isinstance(e, Binary) and e.op == "~":
@@ -415,10 +499,9 @@ class _Checker:
                 self.bad(e.left.span, "'~' matches the parameter's name: write name ~ \"regex\"")
                 return None
             assert isinstance(e.right, Str)
-            try:
-                re.compile(e.right.value)
-            except re.error as err:
-                self.bad(e.right.span, f"invalid regular expression: {err}")
+            why = regex_problem(e.right.value)
+            if why is not None:
+                self.bad(e.right.span, why)
                 return None
             return replace(e, left=replace(e.left, kind="const"),
                            right=replace(e.right, kind="const"), kind="const")
@@ -458,8 +541,10 @@ class _Checker:
         fresh: set[str] = {"u"} if self.adaptation else set()
         out = []
         targets = [a.target for a in d.step.body]
+        last = {t: i for i, t in enumerate(targets)}
         for i, a in enumerate(d.step.body):
-            scope = _Scope("step", env, fresh, set(targets[i:]) - set(env))
+            scope = _Scope("step", env, fresh, _Later(last, i, env))
+            self.shared = {}
             self.hoisted = []
             value = self.expr(a.value, scope)
             for h in self.hoisted:     # watched def calls, computed just before
@@ -523,7 +608,7 @@ class _Checker:
                 if name is not None:
                     out.append(name)
             elif n.id not in env:
-                self.bad(n.span, f"cannot watch unknown name '{n.id}'" + suggest(n.id, env))
+                self.bad(n.span, f"cannot watch unknown name '{n.id}'" + self.suggest(n.id, env))
             elif env[n.id] is None:
                 continue  # its assignment is already reported
             elif not narrower(env[n.id], "layer"):
@@ -567,6 +652,21 @@ class _Checker:
     # ------------------------------------------------------------ expressions
     def expr(self, e: Expr, sc: _Scope) -> Expr | None:
         """Check ``e`` in scope ``sc``: a copy with kinds set and defs inlined, or None."""
+        if self.depth >= MAX_EXPRESSION_DEPTH:
+            if not self.too_deep:
+                self.too_deep = True
+                self.bad(e.span, f"expression nested too deeply: more than "
+                                 f"{MAX_EXPRESSION_DEPTH} levels (the limit; each operator of "
+                                 "a chain like a + b + c and each inlined def call counts); "
+                                 "split it into several assignments", sc)
+            return None
+        self.depth += 1
+        try:
+            return self._expr(e, sc)
+        finally:
+            self.depth -= 1
+
+    def _expr(self, e: Expr, sc: _Scope) -> Expr | None:
         if isinstance(e, Num):
             return replace(e, kind="const")
         if isinstance(e, Str):
@@ -619,7 +719,7 @@ class _Checker:
                              "hypers, ndim, numel, rows and cols)", sc)
         else:
             known = [*sc.env, *sc.subst, *self.d.defs]
-            self.bad(e.span, f"unknown name '{e.id}'" + suggest(e.id, known), sc)
+            self.bad(e.span, f"unknown name '{e.id}'" + self.suggest(e.id, known), sc)
         return None
 
     def global_arg_ok(self, arg: Expr, sc: _Scope) -> bool:
@@ -642,7 +742,7 @@ class _Checker:
         b = BUILTINS.get(e.func)
         if b is None:
             known = [*BUILTINS, *self.d.defs]
-            self.bad(e.span, f"unknown function '{e.func}'" + suggest(e.func, known), sc)
+            self.bad(e.span, f"unknown function '{e.func}'" + self.suggest(e.func, known), sc)
             return None
         unit = _unit_arg(e) if b.category == "layer" and len(e.args) == b.arity + 1 else None
         last = e.args[-1] if e.args else None
@@ -650,7 +750,7 @@ class _Checker:
                 and unit is None:
             self.bad(last.span, f"{e.func}() takes {b.arity} argument{'s' * (b.arity != 1)} "
                                 f"and an optional unit (row or col); '{last.id}' is not a unit"
-                     + suggest(last.id, UNITS), sc)
+                     + self.suggest(last.id, UNITS), sc)
             return None
         if b.category == "layer" and isinstance(last, Name) and last.id in UNITS \
                 and len(e.args) == b.arity and b.arity > 1 and last.id not in sc.env:
@@ -723,11 +823,32 @@ class _Checker:
         if any(a is None for a in args):
             return None
         self.inlined.add(e.func)
-        inner = replace(sc, subst={**sc.subst, **dict(zip(d.params, args))},
-                        stack=(*sc.stack, e.func),
+        subst = {**sc.subst, **dict(zip(d.params, args))}
+        key = None
+        if not self.watched_defs:
+            # the body's value depends only on the arguments (and any outer
+            # def's arguments) and on the call site's scope
+            key = (e.func, sc.context, sc.in_global, id(sc.env), id(sc.fresh),
+                   tuple((k, id(v)) for k, v in subst.items()))
+            hit = self.shared.get(key)
+            if hit is not None:
+                return hit[0]
+        inner = replace(sc, subst=subst, stack=(*sc.stack, e.func),
                         call_line=e.span.line if not sc.stack else sc.call_line,
                         call_file=e.span.filename if not sc.stack else sc.call_file)
         value = self.expr(d.body, inner)
+        if value is not None and self.size(value) > MAX_DEF_EXPANSION:
+            self.bad(e.span, f"this call of def '{e.func}' expands to more than "
+                             f"{MAX_DEF_EXPANSION:,} nodes once defs are inlined (the limit); "
+                             "compute a repeated part once in a local instead", sc)
+            value = None
+        elif value is not None and self.depth_of(value) > MAX_EXPRESSION_DEPTH:
+            self.bad(e.span, f"this call of def '{e.func}' nests more than "
+                             f"{MAX_EXPRESSION_DEPTH} levels deep once defs are inlined (the "
+                             "limit); compute a part of it in a local instead", sc)
+            value = None
+        if key is not None:
+            self.shared[key] = (value, (sc.env, sc.fresh, tuple(subst.values())))
         if value is None or e.func not in self.watched_defs or sc.context != "step":
             return value
         # a watched def: its value becomes a local named after it, computed
@@ -738,6 +859,89 @@ class _Checker:
         self.hoisted.append(Assign(e.func, value, e.span))
         sc.fresh.add(e.func)       # a global reduction cannot read it (as any local)
         return Name(e.func, value.kind, e.span)
+
+
+    def size(self, e: Expr) -> int:
+        """The number of nodes of ``e`` as a tree (shared subtrees counted at
+        each use), in time linear in its distinct nodes."""
+        stack = [e]
+        while stack:
+            node = stack[-1]
+            if id(node) in self.sizes:
+                stack.pop()
+                continue
+            todo = [c for c in children(node) if id(c) not in self.sizes]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            below = [self.sizes[id(c)] for c in children(node)]
+            self.sizes[id(node)] = (node, 1 + sum(b[1] for b in below),
+                                    1 + max((b[2] for b in below), default=0))
+        return self.sizes[id(e)][1]
+
+    def depth_of(self, e: Expr) -> int:
+        """How deeply ``e`` nests (after :meth:`size` of it)."""
+        return self.sizes[id(e)][2]
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be a ``name ~`` pattern, or None: it does not
+    compile, or it could take exponential or high-polynomial time on some
+    names (see the module docstring)."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        return f"invalid regular expression: {err}"
+    except (OverflowError, RecursionError, ValueError, MemoryError) as err:
+        return f"invalid regular expression: {err or type(err).__name__}"
+    try:
+        from re import _parser as sre_parse, _constants as sre_c
+        tree = sre_parse.parse(pattern, compiled.flags)
+    except Exception:           # another Python's internals: compiling was enough
+        return None
+    repeats = (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, getattr(sre_c, "POSSESSIVE_REPEAT", None))
+    count = 0
+
+    def walk(items, inside: bool) -> str | None:
+        nonlocal count
+        for op, av in items:
+            if op in (sre_c.GROUPREF, sre_c.GROUPREF_EXISTS):
+                return ("a name pattern may not use a backreference (matching one can take "
+                        "exponential time)")
+            if op in repeats:
+                lo, hi, sub = av
+                if inside:
+                    return _NESTED
+                many = hi > 1
+                count += many
+                if count > MAX_REGEX_REPEATS:
+                    return (f"a name pattern may hold at most {MAX_REGEX_REPEATS} repetitions "
+                            "(*, +, {m,n}): with more, matching some names takes very long")
+                why = walk(sub, many)
+            elif op is sre_c.BRANCH:
+                if inside:
+                    return _NESTED
+                why = None
+                for alt in av[1]:
+                    why = why or walk(alt, inside)
+            elif op is sre_c.SUBPATTERN:
+                why = walk(av[-1], inside)
+            elif op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
+                why = walk(av[1], inside)
+            elif op is getattr(sre_c, "ATOMIC_GROUP", None):
+                why = walk(av, inside)
+            else:
+                why = None
+            if why:
+                return why
+        return None
+
+    return walk(tree, False)
+
+
+_NESTED = ("a name pattern may not repeat something that holds a repetition or '|' "
+           "(as in (a+)+ or (a|b)*): matching it can take exponential time on some names")
 
 
 _UNIT_WORDS = {"row": "row", "col": "column"}

@@ -22,12 +22,11 @@ renamed ``adapt_NAME``, its watch too, so both series are recorded.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from .builtins import widest
 from .check import CheckedProgram, check_declarations
 from .errors import Problem, Span, SpecError
-from .extends import collect, program_file
+from .extends import collect, program_file, read_source
 from .syntax import AdaptDecl, Assign, Binary, Call, Expr, Name, Num, Unary, children, parse_text
 
 __all__ = ["adapted", "compose", "linear_in_lr", "load_adaptation"]
@@ -163,7 +162,7 @@ def load_adaptation(decl: AdaptDecl, filename: str) -> CheckedProgram:
     path = program_file(decl.parent, decl.parent_span, filename, problems, "adaptation")
     if path is None:
         raise SpecError(problems)
-    program = parse_text(Path(path).read_text(encoding="utf-8"), str(path))
+    program = parse_text(read_source(path, decl.parent_span, "adaptation"), str(path))
     decls = collect(program, problems)
     if decls.complete and not decls.adaptation:
         raise SpecError([Problem(decl.parent_span, f"'{decl.parent}' is an optimizer, not an "

@@ -40,6 +40,14 @@ recomputes it for every few elements (measured: it more than doubled the
 step time of ``lamb``). Division of an elem value by a narrower value
 becomes multiplication by its reciprocal, which is computed once.
 
+Placeholder names: a hyper or state becomes a placeholder of its own name
+when that is a plain ASCII Python identifier that fx keeps as it is (not a
+keyword, a Python built-in, ``self`` or a name fx reserves); any other
+language-valid name (``β1``, ``lambda``, ``print``) gets a generated one
+(``hyper_0``, ``state_1``, ...). :attr:`Lowered.placeholders` maps every
+hyper and state name to its placeholder's name, so code that feeds the graphs
+by name must look names up there.
+
 Shapes and dtypes: ``w``, ``g`` and elem states are 1-D tensors (the
 parameter flattened, ``numel`` elements) of the compute dtype; ``t``,
 ``numel``, hypers, consts, layer states and globals are 0-d tensors of the
@@ -53,7 +61,10 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+import builtins
+import keyword
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -98,6 +109,13 @@ class Lowered:
     param_inputs: tuple[tuple[str, str], ...] = ()
     #: whether the program has row or col values (the unit layout of the runtime)
     units: bool = False
+    #: hyper or state name -> the name of its placeholder (the same name unless
+    #: fx could not keep it; see the module docstring)
+    placeholders: dict[str, str] = field(default_factory=dict)
+
+    def placeholder(self, name: str) -> str:
+        """The placeholder name of hyper or state ``name`` (else ``name`` itself)."""
+        return self.placeholders.get(name, name)
 
     def graphs(self) -> list[tuple[str, fx.GraphModule]]:
         """``(title, graph module)`` for every graph, in execution order."""
@@ -140,6 +158,31 @@ def fresh_name(name: str, taken: set[str]) -> str:
     return name
 
 
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _keeps(name: str) -> bool:
+    """Whether fx names a placeholder ``name`` exactly ``name`` and can
+    generate Python code with it as an argument."""
+    if not _PLAIN.match(name) or keyword.iskeyword(name) or name == "self" \
+            or name in builtins.__dict__:
+        return False
+    node = fx.Graph().placeholder(name)
+    return node.name == name
+
+
+def placeholder_names(names: dict[str, str], taken: set[str]) -> dict[str, str]:
+    """A placeholder name for each of ``names`` (name -> prefix): itself when
+    fx keeps it, else ``PREFIX_<i>`` not in ``taken``; every chosen name
+    joins ``taken``."""
+    out = {n: n for n in names if _keeps(n) and n not in taken}
+    taken |= set(out)
+    for i, (n, prefix) in enumerate(names.items()):
+        if n not in out:
+            out[n] = fresh_name(f"{prefix}_{i}", taken)
+    return {n: out[n] for n in names}
+
+
 def _fold(fn, *args: float) -> float:
     with np.errstate(all="ignore"):
         return float(fn(*(np.float64(a) for a in args)))
@@ -158,9 +201,12 @@ class _Builder:
     subexpressions are lowered there and enter this graph as placeholders.
     """
 
-    def __init__(self, inputs: list[str], hoist: "_Builder | None" = None):
+    def __init__(self, inputs: list[str], hoist: "_Builder | None" = None,
+                 names: dict[str, str] | None = None):
         self.graph = fx.Graph()
-        self.env: dict[str, fx.Node | float] = {n: self.graph.placeholder(n) for n in inputs}
+        names = names or {}
+        self.env: dict[str, fx.Node | float] = {n: self.graph.placeholder(names.get(n, n))
+                                                for n in inputs}
         self.placeholders = set(self.env.values())
         self.last_placeholder = list(self.env.values())[-1]
         self.ref = self.env["w"] if "w" in self.env else self.env["t"]
@@ -459,12 +505,14 @@ def lower(program: CheckedProgram) -> Lowered:
     # an adaptation's step also reads u, the base's update (LANGUAGE.md section 12)
     elem_inputs = ["w", "g", "u"] if program.kind == "adaptation" else ["w", "g"]
     declared = {*hypers, *states}
+    safe = placeholder_names({**{h: "hyper" for h in hypers}, **{s: "state" for s in states}},
+                             {*elem_inputs, "t", "numel", *PARAM_NAMES})
     params = _param_inputs(program, units,
-                           {*elem_inputs, "t", "numel", *declared})
+                           {*elem_inputs, "t", "numel", *declared, *safe.values()})
     phs = [ph for ph, _ in params]
 
     # init: (w, numel, *params, *hypers) -> state initial values
-    b = _Builder(["w", "numel", *phs, *hypers])
+    b = _Builder(["w", "numel", *phs, *hypers], names=safe)
     _bind_params(b, params, declared)
     _mark(b.ref, "elem")
     outs = []
@@ -477,8 +525,8 @@ def lower(program: CheckedProgram) -> Lowered:
     reduce_consts = reduce = None
     reduce_const_names: tuple[str, ...] = ()
     if globals_:
-        hoist = _Builder(["t", *hypers])
-        b = _Builder(step_inputs, hoist)
+        hoist = _Builder(["t", *hypers], names=safe)
+        b = _Builder(step_inputs, hoist, safe)
         _bind_params(b, params, declared)
         _mark_inputs(b, kinds)
         outs = []
@@ -498,12 +546,12 @@ def lower(program: CheckedProgram) -> Lowered:
         reduce_consts = hoist.finish(b.hoisted, f"{program.name}_reduce_consts")
         reduce_const_names = tuple(n.target for n in b.const_nodes)
 
-    taken = {"t", *hypers}
+    taken = {"t", *hypers, *safe.values()}
     global_names = [fresh_name(f"global_{i}", taken) for i in range(len(globals_))]
-    hoist = _Builder(["t", *hypers, *global_names])
+    hoist = _Builder(["t", *hypers, *global_names], names=safe)
     for name, gr in zip(global_names, globals_):
         hoist.global_nodes[gr] = _mark(hoist.env[name], "global")
-    b = _Builder(step_inputs, hoist)
+    b = _Builder(step_inputs, hoist, safe)
     _bind_params(b, params, declared)
     _mark_inputs(b, kinds)
     assigned: list[str] = []
@@ -523,7 +571,7 @@ def lower(program: CheckedProgram) -> Lowered:
     return Lowered(program, hypers, states, layer_states, tuple(assigned), program.watches,
                    globals_, init, reduce_consts, reduce, update_consts, update,
                    reduce_const_names, tuple(n.target for n in b.const_nodes),
-                   tuple(global_names), tuple(kinds[s] for s in states), params, units)
+                   tuple(global_names), tuple(kinds[s] for s in states), params, units, safe)
 
 
 def _mark_inputs(b: _Builder, state_kinds: dict[str, str]) -> None:

@@ -13,7 +13,16 @@ param group wins over an override). ``row_block`` is not a hyper: it lays the
 parameter out (:func:`row_block`).
 
 Arithmetic is IEEE float64, as the language's (``x / 0`` is ``+-inf``,
-``0 / 0`` is NaN); ``min``, ``max`` and ``clip`` propagate NaN.
+``0 / 0`` is NaN); ``min``, ``max`` and ``clip`` propagate NaN. Evaluation
+never raises for a number: an overflow is ``+-inf`` (``numel ^ 1000``) and
+a negative base with a fractional exponent is NaN (``(0 - ndim) ^ 0.5``),
+as torch computes them.
+
+``name ~ "regex"`` is a search with Python's ``re``; the checker admits only
+patterns without nested repetition (``layerwise.check.regex_problem``), and
+a name longer than :data:`MAX_NAME_CHARS` characters is not matched: a rule
+that tests it raises ValueError naming the rule and the parameter. So
+deciding a parameter's rules takes bounded time for any name.
 """
 from __future__ import annotations
 
@@ -28,7 +37,10 @@ from .check import Rule
 from .syntax import Binary, Call, Expr, Name, Num, Str, Unary
 
 __all__ = ["ParamInfo", "param_info", "evaluate", "matching_rules", "hyper_values",
-           "row_block"]
+           "row_block", "MAX_NAME_CHARS"]
+
+#: The longest parameter name a ``name ~ "regex"`` predicate is matched against.
+MAX_NAME_CHARS = 1_000
 
 
 @dataclass(frozen=True)
@@ -76,17 +88,26 @@ def evaluate(e: Expr, env: Mapping[str, float], name: str | None = None) -> floa
     parameter's name, for ``~``.
 
     Raises:
-        ValueError: ``~`` is evaluated and ``name`` is None.
+        ValueError: ``~`` is evaluated and ``name`` is None, or ``name`` is
+            longer than :data:`MAX_NAME_CHARS`.
     """
     with np.errstate(all="ignore"):
         return _eval(e, env, name)
 
 
+def _float(x) -> float:
+    """``x`` as a float; a number too large for one is +-inf."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
 def _eval(e: Expr, env, name) -> float:
     if isinstance(e, Num):
-        return e.value
+        return _float(e.value)
     if isinstance(e, Name):
-        return float(env[e.id])
+        return _float(env[e.id])
     if isinstance(e, Unary):
         x = _eval(e.operand, env, name)
         return float(x == 0) if e.op == "not" else (-x if e.op == "-" else x)
@@ -95,6 +116,9 @@ def _eval(e: Expr, env, name) -> float:
             assert isinstance(e.right, Str)
             if name is None:
                 raise ValueError("needs parameter names")
+            if len(name) > MAX_NAME_CHARS:
+                raise ValueError(f"the name is longer than {MAX_NAME_CHARS} characters, the "
+                                 "longest a name ~ \"regex\" rule matches")
             return float(re.search(e.right.value, name) is not None)
         a = _eval(e.left, env, name)
         if e.op == "and":
@@ -132,7 +156,13 @@ def matching_rules(rules: Sequence[Rule], info: ParamInfo) -> tuple[int, ...]:
                              "parameters have no names: pass model.named_parameters() "
                              "(or (name, tensor) pairs) to the optimizer, or "
                              "names_from=model when a trainer passes bare tensors")
-        if evaluate(rule.predicate, info.env(), info.name) != 0:
+        try:
+            holds = evaluate(rule.predicate, info.env(), info.name) != 0
+        except Exception as err:    # bounded, but name the rule and parameter
+            where = f"{rule.span.filename}:{rule.span.line}" if rule.span else "a for rule"
+            raise ValueError(f"the for rule at {where} cannot be decided for parameter "
+                             f"{info.name or '(unnamed)'!r}: {err}") from None
+        if holds:
             out.append(i)
     return tuple(out)
 

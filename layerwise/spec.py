@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .check import CheckedProgram, check_declarations, check_program
 from .errors import Problem
-from .extends import Declarations, apply_override, copy_declarations
+from .extends import Declarations, apply_override, copy_declarations, read_source
 from .resources import preset_names, preset_path
 from .syntax import parse_fragment, parse_text
 
@@ -107,7 +107,9 @@ def load(name_or_path: str | os.PathLike) -> Spec:
     Raises:
         FileNotFoundError: if it is neither a preset nor an existing file
             (the message lists the presets).
-        SpecError: if the program does not check.
+        SpecError: if the program does not check, or the file is not valid
+            UTF-8, is larger than ``layerwise.extends.MAX_FILE_BYTES`` or
+            cannot be read (at the invalid byte's line and column, else 1:1).
     """
     text = str(name_or_path)
     path = preset_path(text) if isinstance(name_or_path, str) else None
@@ -116,7 +118,7 @@ def load(name_or_path: str | os.PathLike) -> Spec:
         if not path.is_file():
             raise FileNotFoundError(
                 f"'{text}' is neither a preset nor a file; presets: {', '.join(preset_names())}")
-    return parse(path.read_text(encoding="utf-8"), str(path))
+    return parse(read_source(path), str(path))
 
 
 def presets() -> list[str]:

@@ -35,6 +35,8 @@ partial is a 0-d tensor of the compute dtype.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import operator
 from dataclasses import dataclass
 
@@ -199,17 +201,18 @@ def _elem_reads(gm: fx.GraphModule, elem_inputs: set[str]) -> int:
                if n.op == "placeholder" and n.name in elem_inputs and n.users)
 
 
-def split_early(gm: fx.GraphModule, elem_inputs: set[str],
-                assigned: list[str]) -> EarlySplit | None:
+def split_early(gm: fx.GraphModule, elem_inputs: set[str], assigned: list[str],
+                placeholder: Callable[[str], str] = str) -> EarlySplit | None:
     """A split of the update graph ``gm`` whose level pass writes the new values
     of the elem states that do not depend on a reduction (and whose old values
     are not read after one), when that moves fewer bytes than
     :func:`split_graph`'s recomputation; None otherwise, or if the graph has
     no or more than one level of layer reductions.
 
-    ``elem_inputs``: names of the parameter-shaped placeholders (``w``,
-    ``g``, elem states); ``assigned``: the states whose new values are
-    ``gm``'s outputs 1, 2, ... in order.
+    ``elem_inputs``: names of the parameter-shaped inputs (``w``, ``g``,
+    elem states); ``assigned``: the states whose new values are ``gm``'s
+    outputs 1, 2, ... in order; ``placeholder``: a state's placeholder name
+    (``Lowered.placeholder``; the name itself by default).
 
     Cost model, in parameter-sized arrays read or written per step. LAMB:
     recomputing reads w, g, m, v twice and writes w, m, v: 11; writing m
@@ -228,7 +231,8 @@ def split_early(gm: fx.GraphModule, elem_inputs: set[str],
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outs = list(out_node.args[0])
     state_out = dict(zip(assigned, outs[1:1 + len(assigned)]))
-    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    by_name = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    placeholders = {s: by_name[placeholder(s)] for s in assigned if placeholder(s) in by_name}
     used_later = {a for n in later if n.op != "output" for a in n.all_input_nodes}
     early = [s for s, v in state_out.items()
              if s in elem_inputs and v not in later and placeholders[s] not in used_later

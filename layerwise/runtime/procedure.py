@@ -114,11 +114,14 @@ def procedures(lowered: Lowered, chunk: int) -> dict[str, Procedure]:
     is not used)."""
     kinds = dict(zip(lowered.state_names, lowered.state_kinds))
     elem_names = {"w", "g", "u", *(s for s, k in kinds.items() if k == "elem")}
-    elem: set[str] | dict[str, str] = elem_names
+    # the graphs' placeholders are named lowered.placeholder(state), which is
+    # not the state's name when fx could not keep that (``β1``, ``lambda``)
+    ph = lowered.placeholder
+    elem: set[str] | dict[str, str] = {ph(n) for n in elem_names}
     if lowered.units:
         chunk = None
-        elem = {**{n: "elem" for n in elem_names},
-                **{s: k for s, k in kinds.items() if k in ("row", "col")}}
+        elem = {**{ph(n): "elem" for n in elem_names},
+                **{ph(s): k for s, k in kinds.items() if k in ("row", "col")}}
     out: dict[str, Procedure] = {}
     init_roles = [Role(_state_role(kinds[s]), s) for s in lowered.state_names]
     out["init"] = _procedure("init", lowered.init, init_roles, elem, chunk)
@@ -129,7 +132,7 @@ def procedures(lowered: Lowered, chunk: int) -> dict[str, Procedure]:
         out["reduce"] = _procedure("reduce", lowered.reduce, shares, elem, chunk,
                                    lowered.reduce_consts, lowered.reduce_const_names)
     n_watch = len(lowered.watch_names)
-    early = split_early(lowered.update, elem_names, list(lowered.assigned_states))
+    early = split_early(lowered.update, elem_names, list(lowered.assigned_states), ph)
     if early is None:
         out["update"] = _procedure("update", lowered.update,
                                    _roles_update(lowered, list(lowered.assigned_states), n_watch),
