@@ -75,6 +75,11 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
             ``lw.Optimizer``'s ``record``: ``"latest"``, ``("every", k)`` or
             ``("history", n)`` (default: the base's if it is an
             ``lw.Optimizer``, else ``"latest"``).
+
+    An ``lw.Optimizer`` base's ``nonfinite`` policy is kept (the composite
+    skips a step with a non-finite gradient as the base would). A wrapped
+    base has no such guard: its own step has run before the adaptation
+    sees its update.
         watch: more names of the adaptation to record (a local or a def its
             step calls once, e.g. ``["ratio"]`` of ``trust``).
         **hypers: values of the adaptation's hypers (added to every param
@@ -104,7 +109,8 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
             for k, v in hypers.items():
                 g.setdefault(k, v)
         return Optimizer(groups, spec, compile=base._runner.compiled if compile is None
-                         else compile, record=base.record if record is None else record)
+                         else compile, record=base.record if record is None else record,
+                         nonfinite=base.nonfinite)
     return AdaptedOptimizer(base, ad, linear=isinstance(base, LINEAR_IN_LR) if linear is None
                             else linear, compile=True if compile is None else compile,
                             record="latest" if record is None else record, **hypers)

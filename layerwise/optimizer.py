@@ -9,6 +9,7 @@ parameter sharing a dtype and device in a constant number of calls.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections import deque
@@ -21,13 +22,16 @@ from .rules import ParamInfo, hyper_values, matching_rules, param_info, row_bloc
 from .runtime.buckets import BucketSet
 from .runtime.distributed import Combiner
 from .runtime.layout import compute_dtype, unit_shape
-from .runtime.runner import Runner, runner_for
+from .runtime.runner import Runner, any_nonfinite, runner_for
 from .runtime.validate import check_param, check_state_entry
 from .spec import Spec, load
 
 __all__ = ["Optimizer"]
 
 _TORCH_KEYS = {"params", "param_names", "initial_lr"}
+
+#: the values of ``nonfinite=``
+NONFINITE = ("none", "skip")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,37 @@ def _record_policy(record: Any) -> str | tuple[str, int]:
     raise ValueError(f"record={record!r} is not a recording policy: use \"latest\" (the last "
                      f"value), (\"every\", k) (every k-th step's value) or (\"history\", n) "
                      f"(the last n values), with k and n whole numbers >= 1")
+
+
+def _from_numpy(value: Any) -> Any:
+    """A NumPy array or scalar as a tensor (a copy); anything else unchanged
+    (and so refused by the checks, naming the parameter and key, if it is
+    not a number or a tensor)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "__array__"):
+        import numpy
+        try:
+            return torch.tensor(numpy.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            return value
+    return value
+
+
+def _number_of(value: Any) -> float:
+    """A number, NumPy scalar or one-element tensor as a float.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: for anything else.
+    """
+    value = _from_numpy(value)
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a count")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError("not one real number")
+        value = value.detach().to("cpu", torch.float64).reshape(())
+    if not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{type(value).__name__} is not a number")
+    return float(value)
 
 
 def _largest_step(entries: Iterable) -> int:
@@ -129,8 +164,33 @@ class Optimizer(torch.optim.Optimizer):
             and :meth:`hypers_of` see the module's names. Parameters given
             as ``(name, tensor)`` keep their names. A bare tensor that is not
             a parameter of the module is a ``ValueError``.
+        nonfinite: what a step does when a gradient holds a NaN or an
+            infinity. ``"none"`` (default): nothing special, the program's
+            arithmetic runs on it (README "Non-finite gradients" says what
+            each preset then does). ``"skip"``: when any gradient of a
+            parameter the step updates has a non-finite element, the whole
+            step is skipped: every parameter, every state and every ``step``
+            count stay as they were, bit for bit, and :attr:`skipped_steps`
+            goes up by one. Decided on the device, with no host
+            synchronisation: every write of the step is masked by the flag
+            (costs one read of the gradients, and, on the eager path, masked
+            instead of plain writes; a chunk of 1,024 finite values whose sum
+            overflows, above about 3e35 per value in float32, counts as
+            non-finite: ``runtime.runner.any_nonfinite``). A parameter's first step, if skipped,
+            still creates its state at the initial values (``step`` 0);
+            watched values of a skipped step are recorded as computed.
+            Under FSDP2 the flag is combined over each process group of
+            sharded parameters with one ``all_reduce`` (MAX) per step, so
+            every rank skips the same steps. Any other value is a
+            ``ValueError``.
         **hypers: defaults for the program's hyperparameters (``lr=2e-3``);
             ``betas=(beta1, beta2)`` too if it has ``beta1`` and ``beta2``.
+
+    ``skipped_steps``: the number of steps ``nonfinite="skip"`` skipped, a
+    0-d int64 tensor on the parameters' device (read it with ``int()``, a
+    host synchronisation, when you log). It is saved in ``state_dict()``
+    (key ``"skipped_steps"``, only under ``"skip"``) and restored by
+    ``load_state_dict`` (0 if the state dict has none).
 
     torch conventions: a program with hypers ``beta1`` and ``beta2`` also takes
     ``betas=(beta1, beta2)`` (as a keyword argument or a param-group key, each
@@ -189,14 +249,22 @@ class Optimizer(torch.optim.Optimizer):
         ValueError: unknown hyper names (the message lists the known ones),
             a hyper value outside its range, a rule that tests names when
             the parameters have none, an unsupported parameter, or a
-            ``record`` that is not one of the policies.
+            ``record`` that is not one of the policies, or a ``nonfinite``
+            other than ``"none"`` and ``"skip"``.
         SpecError: if ``spec`` names a program that does not check.
     """
 
     def __init__(self, params: Iterable, spec: Spec | str = "lamb", compile: bool = True,
                  *, record: str | tuple[str, int] = "latest", watch: Sequence[str] = (),
-                 names_from: torch.nn.Module | None = None,
+                 names_from: torch.nn.Module | None = None, nonfinite: str = "none",
                  _adaptation: bool = False, **hypers: float):
+        if not (isinstance(nonfinite, str) and nonfinite in NONFINITE):
+            raise ValueError(f"nonfinite={nonfinite!r} is not a policy for non-finite gradients: "
+                             f"use \"none\" (update as computed, the default) or \"skip\" (skip "
+                             f"the whole step when any gradient holds a NaN or an infinity)")
+        self._nonfinite = nonfinite
+        #: steps skipped by ``nonfinite="skip"`` (a 0-d int64 tensor on the device)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64)
         self._record = _record_policy(record)
         if names_from is not None and not isinstance(names_from, torch.nn.Module):
             raise ValueError(f"names_from must be a torch.nn.Module, not "
@@ -380,11 +448,15 @@ class Optimizer(torch.optim.Optimizer):
             names.append(name)
             tensors.append(tensor)
         rules = []
-        for name, p in zip(names, tensors):
-            if isinstance(p, torch.Tensor):
-                where = name if name is not None else f"group {index}"
-                check_param(p, where)
-                rules.append(self._param_rules(p, name, where, frozenset(explicit)))
+        before = sum(len(g["params"]) for g in self.param_groups)
+        for k, (name, p) in enumerate(zip(names, tensors)):
+            where = (name if name is not None else f"param{before + k}") + \
+                f" (param group {index}, position {k})"
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"parameter {where} is a {type(p).__name__}, not a tensor")
+            check_param(p, where)
+            rules.append(self._param_rules(p, name, name if name is not None else where,
+                                           frozenset(explicit)))
         super().add_param_group(probe)
         self._rules.append(rules)
         if self._has_betas:
@@ -424,8 +496,13 @@ class Optimizer(torch.optim.Optimizer):
         explicit = rules[0].explicit if rules else frozenset()
         while len(rules) <= pi:
             k = len(rules)
-            rules.append(self._param_rules(group["params"][k], names[k] if names else None,
-                                           self._param_name(gi, k, k), explicit))
+            q = group["params"][k]
+            where = self._param_name(gi, k, k)
+            if not isinstance(q, torch.Tensor):
+                raise ValueError(f"parameter {where} (param group {gi}, position {k}) is a "
+                                 f"{type(q).__name__}, not a tensor")
+            check_param(q, f"{where} (param group {gi}, position {k})")
+            rules.append(self._param_rules(q, names[k] if names else None, where, explicit))
         return rules[pi]
 
     def _param_name(self, gi: int, pi: int, flat: int) -> str:
@@ -508,7 +585,11 @@ class Optimizer(torch.optim.Optimizer):
 
         Everything (hyper ranges, parameters, gradients, state) is checked
         before anything is modified, so a step that raises leaves
-        parameters, gradients and state as they were. Under an outer
+        parameters, gradients and state as they were. Under
+        ``nonfinite="skip"`` a step whose gradients hold a NaN or an
+        infinity changes no parameter or state and adds one to
+        :attr:`skipped_steps` (decided on the device; see the class
+        docstring). Under an outer
         ``torch.compile`` the step runs as its own (compiled or eager) code,
         outside the outer graph.
 
@@ -547,14 +628,24 @@ class Optimizer(torch.optim.Optimizer):
         t_now = [b.T + 1 for b in buckets]
         envs = [self._env(b, t) for b, t in zip(buckets, t_now)]
         actives = [b.active for b in buckets]
+        acts = None
+        if self._nonfinite == "skip":
+            # decided on the device: every write of this step is masked by it
+            bad = any_nonfinite(buckets, shards)
+            ok = [~bad.to(b.device) for b in buckets]
+            actives = [b.active & k for b, k in zip(buckets, ok)]
+            acts = [b.active_chunks & k for b, k in zip(buckets, ok)]
+            if self.skipped_steps.device != bad.device:
+                self.skipped_steps = self.skipped_steps.to(bad.device)
+            self.skipped_steps.add_(bad)
         if "reduce" in runner.procs:
-            values = runner.globals(buckets, envs, actives, combine)
+            values = runner.globals(buckets, envs, actives, combine, acts)
             for b, env in zip(buckets, envs):
                 env.update({name: v.to(device=b.device, dtype=b.cdtype)
                             for name, v in zip(runner.lowered.global_names, values)})
-        outputs = runner.run("update", buckets, envs, actives, combine)
-        for b, t in zip(buckets, t_now):
-            b.T.copy_(torch.where(b.active, t, b.T))
+        outputs = runner.run("update", buckets, envs, actives, combine, acts)
+        for b, t, a in zip(buckets, t_now, actives):
+            b.T.copy_(torch.where(a, t, b.T))
         bs.finish()
         self._steps += 1
         record = self._record
@@ -702,15 +793,27 @@ class Optimizer(torch.optim.Optimizer):
         return self._record
 
     # ---------------------------------------------------------------- state_dict
+    @property
+    def nonfinite(self) -> str:
+        """The policy for non-finite gradients: ``"none"`` or ``"skip"`` (see
+        the class docstring)."""
+        return self._nonfinite
+
     def state_dict(self) -> dict[str, Any]:
         """The state dict (torch semantics), after making ``betas`` and ``beta1``
-        / ``beta2`` agree in every group as a step would.
+        / ``beta2`` agree in every group as a step would. Under
+        ``nonfinite="skip"`` it also holds ``"skipped_steps"`` (a 0-d int64
+        tensor, a copy of :attr:`skipped_steps`); otherwise it has only
+        torch's keys, ``"state"`` and ``"param_groups"``.
 
         Raises:
             ValueError: both forms changed since the last step and disagree.
         """
         self._sync_betas()
-        return super().state_dict()
+        out = super().state_dict()
+        if self._nonfinite == "skip":
+            out["skipped_steps"] = self.skipped_steps.clone()
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict (torch semantics), keeping state in the compute dtype.
@@ -729,20 +832,51 @@ class Optimizer(torch.optim.Optimizer):
         ``torch.distributed.checkpoint``'s ``get_state_dict`` may run a step
         with ``lr = 0`` on a fresh optimizer to create state before loading).
 
+        NumPy arrays and scalars among the state values are converted to
+        tensors (copies; torch's own ``load_state_dict`` would fail on them).
+        A ``"skipped_steps"`` entry (see :attr:`skipped_steps`) is restored;
+        without one the count starts at 0.
+
         Raises:
-            ValueError: naming the parameter and the key that does not fit;
-                nothing is changed then.
+            ValueError: naming the parameter and the key that does not fit,
+                a state dict that is not a dict with ``state`` and
+                ``param_groups``, or a ``skipped_steps`` that is not a whole
+                number >= 0; nothing is changed then.
         """
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), (list, tuple))
+                and all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                        for g in state_dict["param_groups"])):
+            raise ValueError("not an optimizer state dict: expected a dict with 'state' (a dict "
+                             "of per-parameter dicts) and 'param_groups' (a list of dicts, each "
+                             "with a 'params' list)")
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         mine = [p for g in self.param_groups for p in g["params"]]
         if len(saved) != len(mine):
             raise ValueError(f"the state dict has {len(saved)} parameters, this optimizer "
                              f"{len(mine)}")
         where = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))]
+        state = dict(state_dict["state"])
         for index, (sid, p) in enumerate(zip(saved, mine)):
-            entry = state_dict["state"].get(sid)
+            entry = state.get(sid)
+            if entry is None:
+                continue
+            label = str(index)
+            if not isinstance(entry, dict):
+                raise ValueError(f"the state of parameter {label} is a {type(entry).__name__}, "
+                                 f"not a dict of its state values")
             if entry:
-                self._check_entries(p, entry, str(index), self._rules_of(*where[index], p))
+                entry = state[sid] = {k: _from_numpy(v) for k, v in entry.items()}
+                self._check_entries(p, entry, label, self._rules_of(*where[index], p))
+        skipped = state_dict.get("skipped_steps", 0)
+        try:
+            count = _number_of(skipped)
+        except (TypeError, ValueError, RuntimeError):
+            count = None
+        if count is None or not (math.isfinite(count) and count >= 0 and count == int(count)):
+            raise ValueError(f"skipped_steps of the state dict is {skipped!r}; it must be a whole "
+                             f"number >= 0 (a number or a one-element tensor)")
+        state_dict = {**state_dict, "state": state}
         for gi, group in enumerate(state_dict["param_groups"]):
             missing = [k for k in self.program.hyper_names if k not in group]
             if missing:
@@ -758,6 +892,7 @@ class Optimizer(torch.optim.Optimizer):
         self._sync_betas()
         self.watched = {n: {} for n in self.program.watches}
         self._steps = _largest_step(state_dict["state"].values())
+        self.skipped_steps.fill_(int(count))
         for sid, p in zip(saved, mine):
             entry = state_dict["state"].get(sid)
             if not entry:

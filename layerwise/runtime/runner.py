@@ -30,7 +30,49 @@ from .execute import eager_block, pass_function
 from .layout import CHUNK, Bucket
 from .procedure import Pass, Procedure, procedures
 
-__all__ = ["Runner", "runner_for"]
+__all__ = ["Runner", "runner_for", "any_nonfinite"]
+
+
+def any_nonfinite(buckets: Sequence[Bucket], shards: Sequence[dict] = ()) -> torch.Tensor:
+    """Whether any active segment's gradient holds a NaN or an infinity: a
+    0-d bool tensor on the first bucket's device, decided on the device
+    (no host synchronisation; with buckets on several devices their flags
+    are moved to the first bucket's device).
+
+    Reads each bucket's gradient buffer ``G`` (``(nchunks, C)``, any float
+    dtype) once: the sum of every chunk (in float32 for 16-bit gradients)
+    must be finite, for the chunks of active segments (an inactive segment
+    may hold a stale or uninitialised gradient; padding is zero). A NaN or
+    an infinity always makes its chunk's sum non-finite (inf + -inf is
+    NaN); so does a chunk of finite values whose sum overflows (values
+    above about ``finfo.max / C``: 3e35 in float32 and bfloat16 with
+    ``C = 1024``, 1e305 in float64, never in float16), which counts as
+    non-finite too. ``shards``: per bucket, the
+    process groups of its sharded segments (``Bucket.shards()``); the flag
+    is then combined over each group with one ``all_reduce`` (MAX), so that
+    every rank decides the same.
+    """
+    device = buckets[0].device
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for b in buckets:
+        if not any(b.active_key) or b.G.numel() == 0:
+            continue
+        # one vectorised sum per chunk (half the time of amax and amin on the CPU);
+        # float32 sums for 16-bit gradients, which would overflow float16
+        G = b.G
+        finite = torch.isfinite(G.sum(1, dtype=torch.float32) if G.element_size() < 4
+                                else G.sum(1))
+        if not all(b.active_key):
+            finite = finite | ~b.active_chunks.squeeze(1)
+        bad = bad | (~finite.all()).to(device)
+    groups = list(dict.fromkeys(g for per_bucket in shards for g in per_bucket))
+    if groups:
+        import torch.distributed as dist
+        flag = bad.to(torch.int32)
+        for group in groups:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        bad = flag.bool()
+    return bad
 
 
 class Runner:
@@ -47,6 +89,9 @@ class Runner:
         self.compiled = compile
         self.chunk = chunk
         self.procs = procedures(lowered, chunk)
+        # placeholder name -> the hyper or state it stands for (environments and
+        # buffers are keyed by program names; see Lowered.placeholders)
+        self._named = {ph: n for n, ph in lowered.placeholders.items() if ph != n}
         name = lowered.program.name
         self._fns = {}
         for pname, proc in self.procs.items():
@@ -57,15 +102,19 @@ class Runner:
         self._eager = {id(p): not compile or pname == "init"
                        for pname, proc in self.procs.items() for p in [*proc.levels, proc.final]}
 
-    def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor):
+    def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor,
+              act: torch.Tensor | None = None):
         f = p.flat
         buffers = {"w": bucket.W, "g": bucket.G, **bucket.X, **bucket.S, **bucket.row_views}
         # partials of reductions along rows are per-chunk inputs of the elem graph
-        elem_in = [reds[p.reads[n]].unsqueeze(1) if n in p.reads else buffers[n]
+        named = self._named
+        elem_in = [reds[p.reads[n]].unsqueeze(1) if n in p.reads else buffers[named.get(n, n)]
                    for n in f.elem_inputs]
-        vec = [reds[p.reads[n]] if n in p.reads else env[n] if n in env else bucket.colref
-               for n in f.vec_inputs]
-        if active is bucket.active:
+        vec = [reds[p.reads[n]] if n in p.reads else env[k] if (k := named.get(n, n)) in env
+               else bucket.colref for n in f.vec_inputs]
+        if act is not None:
+            pass            # given with ``active`` (the step's mask, e.g. the non-finite guard's)
+        elif active is bucket.active:
             # eager: None when every segment is active (writes become plain copies)
             act = None if self._eager[id(p)] and all(bucket.active_key) \
                 else bucket.active_chunks
@@ -79,24 +128,30 @@ class Runner:
                                 bucket.seg, valid, active, act)
 
     def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
-            actives: Sequence[torch.Tensor], combine: Combiner | None) -> list[list]:
+            actives: Sequence[torch.Tensor], combine: Combiner | None,
+            acts: Sequence[torch.Tensor] | None = None) -> list[list]:
         """Run procedure ``name`` over ``buckets`` (segments where ``actives``
         is True are written); returns, per bucket, the final pass's
-        per-parameter outputs (``(P,)`` vectors, 0-d tensors or floats)."""
+        per-parameter outputs (``(P,)`` vectors, 0-d tensors or floats).
+
+        ``actives``: per bucket a ``(P,)`` bool mask on its device; ``acts``
+        (optional): the same masks per chunk, ``(nchunks, 1)`` bool (made from
+        ``actives`` when not given)."""
         proc: Procedure = self.procs[name]
         reds = [[None] * proc.reductions for _ in buckets]
+        acts = [None] * len(buckets) if acts is None else acts
         for lv in proc.levels:
-            per_bucket = [self._reduce(b, self._call(lv, b, env, r, a)[0], lv.flat.partials,
+            per_bucket = [self._reduce(b, self._call(lv, b, env, r, a, c)[0], lv.flat.partials,
                                        lv.spaces)
-                          for b, env, r, a in zip(buckets, envs, reds, actives)]
+                          for b, env, r, a, c in zip(buckets, envs, reds, actives, acts)]
             if combine is not None:
                 combine(per_bucket, list(lv.flat.partials), list(lv.spaces))
             for b, r, values in zip(buckets, reds, per_bucket):
                 for i, v in zip(lv.computes, values):
                     r[i] = v.to(b.cdtype)
         # a final pass returns no partials: every reduction is a level's
-        return [self._call(proc.final, b, env, r, a)[1]
-                for b, env, r, a in zip(buckets, envs, reds, actives)]
+        return [self._call(proc.final, b, env, r, a, c)[1]
+                for b, env, r, a, c in zip(buckets, envs, reds, actives, acts)]
 
     @staticmethod
     def _reduce(b: Bucket, chunk_partials, how, spaces) -> list[torch.Tensor]:
@@ -117,11 +172,12 @@ class Runner:
         return out
 
     def globals(self, buckets: Sequence[Bucket], envs: Sequence[dict],
-                actives: Sequence[torch.Tensor], combine: Combiner | None) -> list[torch.Tensor]:
+                actives: Sequence[torch.Tensor], combine: Combiner | None,
+                acts: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """This step's global values (0-d float64, on the first bucket's device):
         every parameter's shares of each ``global_norm`` / ``global_sum``,
         added over the active parameters, finished (``sqrt`` for norms)."""
-        out = self.run("reduce", buckets, envs, actives, combine)
+        out = self.run("reduce", buckets, envs, actives, combine, acts)
         device = buckets[0].device
         totals = []
         for i in range(len(self.lowered.globals)):

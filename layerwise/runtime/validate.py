@@ -17,14 +17,36 @@ __all__ = ["FLOAT_DTYPES", "check_param", "check_grad", "check_state_entry"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
+_SPARSE = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr,
+           torch.sparse_bsc)
+
+
+def _plain_tensor_problem(t: torch.Tensor) -> str | None:
+    """Why a state tensor cannot be read (None if it can): another layout,
+    nested, or on the meta device (no values)."""
+    if getattr(t, "is_nested", False):
+        return "is a nested tensor"
+    if t.layout != torch.strided:
+        return f"has layout {t.layout}; it must be dense (strided)"
+    if t.is_meta:
+        return "is on the meta device (it holds no values)"
+    return None
+
 
 def check_param(p: torch.Tensor, where: str) -> None:
     """Refuse a parameter the runtime cannot update correctly.
 
     Raises:
-        ValueError: a complex, integer, sparse, meta-device or non-leaf
-            parameter, or one whose elements overlap in memory (``expand``).
+        ValueError: not a tensor; a nested, complex, integer, sparse (COO,
+            CSR, CSC, BSR, BSC) or otherwise non-strided (MKL-DNN),
+            meta-device or non-leaf parameter, or one whose elements overlap
+            in memory (``expand``).
     """
+    if not isinstance(p, torch.Tensor):
+        raise ValueError(f"parameter {where} is a {type(p).__name__}, not a tensor")
+    if getattr(p, "is_nested", False):
+        raise ValueError(f"parameter {where} is a nested tensor; only dense (strided) "
+                         "parameters are supported")
     if p.is_complex():
         raise ValueError(f"parameter {where} is complex ({p.dtype}); layerwise optimizers "
                          "need real parameters (view it as real with torch.view_as_real)")
@@ -32,8 +54,9 @@ def check_param(p: torch.Tensor, where: str) -> None:
         raise ValueError(f"parameter {where} has dtype {p.dtype}; supported: float32, "
                          "float64, bfloat16, float16")
     if p.layout != torch.strided:
-        raise ValueError(f"parameter {where} is sparse ({p.layout}); only dense parameters "
-                         "are supported")
+        what = "sparse" if p.layout in _SPARSE else "not a dense (strided) tensor"
+        raise ValueError(f"parameter {where} is {what} (layout {p.layout}); only dense "
+                         "(strided) parameters are supported")
     if p.is_meta:
         raise ValueError(f"parameter {where} is on the meta device; materialise it "
                          "(e.g. module.to_empty(device=...)) before the step")
@@ -70,9 +93,14 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
 
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        hint = (" (convert NumPy values with torch.as_tensor)"
+                if type(value).__module__ == "numpy" else "")
         raise ValueError(f"{where} is {type(value).__name__} {value!r}, not a number or "
-                         "a tensor")
+                         f"a tensor{hint}")
     if isinstance(value, torch.Tensor):
+        problem = _plain_tensor_problem(value)
+        if problem:
+            raise ValueError(f"{where} {problem}")
         if value.numel() != 1:
             raise ValueError(f"{where} has shape {tuple(value.shape)}; it holds one number "
                              "per parameter (a 0-d tensor)")
@@ -97,7 +125,9 @@ def check_state_entry(p: torch.Tensor, key: str, value, kind: str | None,
     out like its dim 0, a col state a plain tensor).
 
     Raises:
-        ValueError: naming the parameter and the key.
+        ValueError: naming the parameter and the key (also for a tensor
+            that is sparse, nested or on the meta device, and for NumPy
+            values, which ``load_state_dict`` converts before this check).
     """
     at = f"state '{key}' of parameter {where}"
     if kind is None or kind == "layer":
@@ -108,8 +138,13 @@ def check_state_entry(p: torch.Tensor, key: str, value, kind: str | None,
     expected = tuple(p.shape) if kind == "elem" else tuple(shape)
     what = "the parameter" if kind == "elem" else f"one number per {kind}"
     if not isinstance(value, torch.Tensor):
+        hint = (" (convert NumPy values with torch.as_tensor)"
+                if type(value).__module__ == "numpy" else "")
         raise ValueError(f"{at} is {type(value).__name__}, not a tensor of shape {expected} "
-                         f"({what})")
+                         f"({what}){hint}")
+    problem = _plain_tensor_problem(value)
+    if problem:
+        raise ValueError(f"{at} {problem}")
     if not value.is_floating_point():
         raise ValueError(f"{at} has dtype {value.dtype}; it must be floating point")
     if tuple(value.shape) != expected:
