@@ -37,13 +37,31 @@ for an adapted one).
 Cells run in ``jobs`` worker processes (spawned), each cell on
 ``threads`` torch threads (default 1), so results do not depend on
 ``jobs``.
+
+Outputs are never half-written and an earlier grid's records are never
+changed. Before any run, ``DIR`` is checked: it must be a directory (or
+not exist yet) that can be written, and every ``runs/*.json`` already in it
+must be the record of a cell of this grid with the same configuration
+(task, program text, adaptation, batch size, epochs, seed, steps, learning
+rate and its rule, warm-up, hypers). Such a cell is not run again: its
+record is reused (an interrupted or failed grid resumes where it stopped,
+and a grid that extends an earlier one adds only its new cells). Any other
+record -- another grid's cell, the same cell with another configuration,
+a file that is not a record -- refuses the whole grid with one message,
+before anything is written. Each record, ``results.csv``, ``results.md``
+and each plot is written to a temporary file beside it and renamed over it
+(``os.replace``). If a cell fails, the grid stops (:class:`CellFailed`):
+the records of the cells that finished stay (the same command resumes),
+the tables and plots are not rewritten.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -56,11 +74,13 @@ from .errors import SpecError
 from .optimizer import Optimizer
 from .spec import Spec, load, presets
 from .tasks import Task, get_task, task_names
-from .train import plan_run, resolve_spec, train, write_record
+from .train import (atomic_output, available_cpus, check_threads, nearest_directory, plan_run,
+                    resolve_spec, train, write_record)
 
-__all__ = ["DEFAULT_OPTIMIZERS", "NONE", "Adaptation", "Variant", "defines", "adapt_spec",
-           "make_adaptations", "make_variants", "record_name", "run_ablation", "write_csv",
-           "markdown_table", "plot_metric_vs_batch", "plot_trust_ratios"]
+__all__ = ["DEFAULT_OPTIMIZERS", "NONE", "Adaptation", "Variant", "CellFailed", "defines",
+           "adapt_spec", "make_adaptations", "make_variants", "record_name", "max_jobs", "check_out_dir",
+           "run_ablation", "write_csv", "markdown_table", "plot_metric_vs_batch",
+           "plot_trust_ratios"]
 
 #: The default grid's optimizers.
 DEFAULT_OPTIMIZERS = ("lamb", "lars", "adamw", "sgd")
@@ -328,6 +348,30 @@ def record_name(task: str, variant: Variant, batch_size: int) -> str:
     return f"runs/{task}_{name}_b{batch_size}.json"
 
 
+def _adaptation_entry(ad: Adaptation | None) -> dict | None:
+    return None if ad is None else {"label": ad.label, "name": ad.spec.name,
+                                    "file": ad.spec.filename, "program": ad.spec.to_text()}
+
+
+def _row(record: dict, cell: dict) -> dict:
+    """The CSV row of a cell from its record."""
+    v: Variant = cell["variant"]
+    cfg, final = record["config"], record["final"]
+    return {"task": cell["task"], "optimizer": v.label, "adaptation": v.adaptation_label,
+            "program": v.spec.name,
+            "batch_size": cfg["batch_size"], "epochs": cfg["epochs"], "steps": record["steps"],
+            "lr": cfg["lr"], "base_lr": cfg["base_lr"], "lr_rule": cfg["lr_rule"],
+            "warmup_steps": cfg["warmup_steps"], "metric": final["metric"],
+            "value": final["value"], "val_loss": final["loss"], "diverged": final["diverged"],
+            "train_time_s": record["train_time_s"], "record": cell["record_rel"]}
+
+
+def max_jobs() -> int:
+    """The most worker processes ``run_ablation`` accepts: the CPUs this process
+    may use, and at least 2 (the default of ``layerwise ablate --jobs``)."""
+    return max(2, available_cpus())
+
+
 def _run_cell(cell: dict) -> dict:
     """Run one grid cell (in a worker process or in-process); write its record; return its row."""
     task = _task(cell["task"])
@@ -335,19 +379,123 @@ def _run_cell(cell: dict) -> dict:
     record = train(task, cell["spec"], progress=False, threads=cell["threads"], label=v.name,
                    batch_size=cell["batch_size"], epochs=cell["epochs"], base_lr=v.base_lr,
                    lr_rule=v.lr_rule, seed=cell["seed"], max_steps=cell["max_steps"])
-    ad = v.adaptation
-    record["adaptation"] = None if ad is None else {
-        "label": ad.label, "name": ad.spec.name, "file": ad.spec.filename,
-        "program": ad.spec.to_text()}
+    record["adaptation"] = _adaptation_entry(v.adaptation)
     write_record(record, cell["record_path"])
-    cfg, final = record["config"], record["final"]
-    return {"task": task.name, "optimizer": v.label, "adaptation": v.adaptation_label,
-            "program": v.spec.name,
-            "batch_size": cfg["batch_size"], "epochs": cfg["epochs"], "steps": record["steps"],
-            "lr": cfg["lr"], "base_lr": cfg["base_lr"], "lr_rule": cfg["lr_rule"],
-            "warmup_steps": cfg["warmup_steps"], "metric": final["metric"],
-            "value": final["value"], "val_loss": final["loss"], "diverged": final["diverged"],
-            "train_time_s": record["train_time_s"], "record": cell["record_rel"]}
+    return _row(record, cell)
+
+
+class CellFailed(RuntimeError):
+    """A cell of the grid failed while training or writing its record; the grid stopped.
+
+    The message names the cell and the cause, and says how many records
+    were kept (they are reused when the same grid is run again).
+    """
+
+
+# ---------------------------------------------------------------- the output folder
+_SUMMARIES = ("results.csv", "results.md", "metric_vs_batch.png")
+
+
+def _differs(record: dict, cell: dict) -> str | None:
+    """Why an existing record is not the record of ``cell`` (None: it is)."""
+    if not isinstance(record, dict):
+        return "it is not a run record"
+    cfg, opt = record.get("config"), record.get("optimizer")
+    if not isinstance(cfg, dict) or not isinstance(opt, dict) or not isinstance(
+            record.get("final"), dict):
+        return "it is not a run record"
+    plan = dataclasses.asdict(cell["plan"])
+    for key, value in plan.items():
+        if key not in cfg:
+            return f"it has no {key}"
+        if cfg[key] != value:
+            return f"its {key} is {cfg[key]!r}, this grid's {value!r}"
+    if opt.get("program") != cell["spec"].to_text():
+        return "its optimizer program differs"
+    if record.get("adaptation") != _adaptation_entry(cell["variant"].adaptation):
+        return "its adaptation differs"
+    try:
+        _row(record, cell)
+    except (KeyError, TypeError):
+        return "it is not a complete run record"
+    return None
+
+
+def check_out_dir(out_dir: str | Path, cells: Sequence[dict], tasks: Sequence[str]
+                  ) -> dict[str, dict]:
+    """Check the output folder before any run; return the records to reuse.
+
+    ``cells`` are the grid's cells (``record_rel``, ``plan``, ``spec``,
+    ``variant``); see the module docstring for what is accepted.
+
+    Returns:
+        ``{record_rel: record}`` of the cells whose record is already in
+        ``out_dir`` with the same configuration.
+
+    Raises:
+        ValueError: one line starting ``--out DIR:`` -- not a directory,
+            not writable, an output name taken by a directory or device, or
+            a record in ``runs/`` that is not one of this grid's cells with
+            the same configuration (the grid would change an earlier run's
+            records, or leave ``results.csv`` inconsistent with ``runs/``).
+    """
+    out = Path(out_dir)
+    label = f"--out {out}"
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        nearest_directory(out, label)
+        return {}
+    except (OSError, ValueError) as err:
+        if isinstance(err, NotADirectoryError):
+            nearest_directory(out, label)
+        raise ValueError(f"{label}: cannot use it: "
+                         f"{getattr(err, 'strerror', None) or err}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{label}: not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{label}: cannot write in it (permission denied)")
+    names = [*_SUMMARIES, *(f"trust_ratios_{t}.png" for t in tasks)]
+    for name in names:
+        p = out / name
+        if (p.exists() or p.is_symlink()) and not p.is_file():
+            raise ValueError(f"{label}: {name} exists and is not a regular file")
+    runs = out / "runs"
+    if not runs.exists() and not runs.is_symlink():
+        return {}
+    if not runs.is_dir():
+        raise ValueError(f"{label}: runs exists and is not a directory")
+    if not os.access(runs, os.W_OK | os.X_OK):
+        raise ValueError(f"{label}: cannot write in runs/ (permission denied)")
+    by_rel = {c["record_rel"]: c for c in cells}
+    reuse: dict[str, dict] = {}
+    for p in sorted(runs.iterdir()):
+        if not p.name.endswith(".json"):
+            continue
+        rel = f"runs/{p.name}"
+        cell = by_rel.get(rel)
+        if cell is None:
+            raise ValueError(f"{label}: it holds records of another grid ({rel} is not a cell "
+                             "of this one); give another --out, or move them away")
+        if not p.is_file():
+            raise ValueError(f"{label}: {rel} is not a regular file")
+        try:
+            record = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            why = "it is not a run record (not readable JSON)"
+        else:
+            why = _differs(record, cell)
+        if why is not None:
+            raise ValueError(f"{label}: {rel} is an earlier run of {_cell_name(cell)} with "
+                             f"another configuration ({why}); give another --out, or move it "
+                             "away")
+        reuse[rel] = record
+    return reuse
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
@@ -378,14 +526,23 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
         (``adaptation``, ``"none"`` for an unadapted cell) and the record's
         path (``record``, :func:`record_name`).
 
+    A cell whose record is already in ``out_dir`` with the same
+    configuration is not run again (:func:`check_out_dir`).
+
     Raises:
         UnknownTaskError, ValueError: bad input, found before any run
             and before anything is written (unknown task, batch size larger
             than a training set, an adaptation that does not apply, two
-            cells with the same record path, ...).
+            cells with the same record path, a thread count above the
+            CPUs, an output folder that cannot be used or holds records of
+            another grid or configuration, ...).
+        CellFailed: a cell failed; the records of finished cells are kept.
     """
     from tqdm.auto import tqdm
 
+    check_threads(threads, "threads")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= max_jobs():
+        raise ValueError(f"jobs {jobs!r}: must be an integer from 1 to {max_jobs()}")
     out = Path(out_dir)
     tasks = list(tasks) if tasks else task_names()
     specs = {}
@@ -400,9 +557,9 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
         n_epochs = epochs if epochs is not None else task.ablate_epochs
         for v in variants:
             for b in sizes:
-                plan_run(task, specs[v], batch_size=b, epochs=n_epochs, base_lr=v.base_lr,
-                         lr_rule=v.lr_rule, seed=seed, label=v.name,
-                         max_steps=max_steps)   # validate everything before any run
+                plan = plan_run(task, specs[v], batch_size=b, epochs=n_epochs,
+                                base_lr=v.base_lr, lr_rule=v.lr_rule, seed=seed, label=v.name,
+                                max_steps=max_steps)   # validate everything before any run
                 rel = record_name(tname, v, b)
                 if rel in paths:
                     raise ValueError(f"two cells would write {rel}: {paths[rel]} and "
@@ -412,45 +569,75 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
                 cells.append({"task": tname, "variant": v, "spec": specs[v], "batch_size": b,
                               "epochs": n_epochs, "seed": seed, "threads": threads,
                               "max_steps": max_steps, "record_path": str(out / rel),
-                              "record_rel": rel})
+                              "record_rel": rel, "plan": plan})
+    reuse = check_out_dir(out, cells, tasks)
+    if reuse and progress:
+        print(f"ablate: reusing {len(reuse)} of {len(cells)} records already in {out / 'runs'} "
+              "(same configuration)", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
     rows: list[dict | None] = [None] * len(cells)
+    for i, cell in enumerate(cells):
+        if cell["record_rel"] in reuse:
+            rows[i] = _row(reuse[cell["record_rel"]], cell)
     # slowest first (small batches: most optimizer steps), so workers finish together
-    order = sorted(range(len(cells)), key=lambda i: (-_task(cells[i]["task"]).relative_cost
-                                                     * cells[i]["epochs"],
-                                                     cells[i]["batch_size"]))
+    order = sorted((i for i in range(len(cells)) if rows[i] is None),
+                   key=lambda i: (-_task(cells[i]["task"]).relative_cost * cells[i]["epochs"],
+                                  cells[i]["batch_size"]))
     started = time.perf_counter()
-    bar = tqdm(total=len(cells), disable=not progress, unit="run", file=sys.stderr,
+    bar = tqdm(total=len(order), disable=not progress, unit="run", file=sys.stderr,
                desc="ablate")
+
+    def failed(i: int, err: BaseException) -> CellFailed:
+        kept = sum(r is not None for r in rows)
+        text = (str(err).strip().splitlines() or [""])[0]
+        return CellFailed(f"{_cell_name(cells[i])} failed ({type(err).__name__}"
+                          f"{': ' + text if text else ''}); the grid stopped; {kept} of "
+                          f"{len(cells)} records are in {out / 'runs'} and are reused when the "
+                          "same command runs again")
+
     try:
-        if jobs <= 1:
+        if jobs <= 1 or len(order) <= 1:
             for i in order:
                 bar.set_postfix_str(_cell_name(cells[i]))
-                rows[i] = _run_cell(cells[i])
+                try:
+                    rows[i] = _run_cell(cells[i])
+                except Exception as err:
+                    raise failed(i, err) from err
                 bar.update(1)
-        else:
+        elif order:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=ctx) as pool:
                 futures = {pool.submit(_run_cell, cells[i]): i for i in order}
-                for fut in as_completed(futures):
-                    i = futures[fut]
-                    rows[i] = fut.result()
-                    bar.set_postfix_str(_cell_name(cells[i]))
-                    bar.update(1)
+                try:
+                    for fut in as_completed(futures):
+                        i = futures[fut]
+                        try:
+                            rows[i] = fut.result()
+                        except Exception as err:
+                            raise failed(i, err) from err
+                        bar.set_postfix_str(_cell_name(cells[i]))
+                        bar.update(1)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     finally:
         bar.close()
     done = [r for r in rows if r is not None]
-    write_csv(done, out / "results.csv")
-    text = markdown_table(done, wall_time_s=time.perf_counter() - started)
-    (out / "results.md").write_text(text, encoding="utf-8")
-    plot_metric_vs_batch(done, out / "metric_vs_batch.png")
+    with atomic_output(out / "results.csv") as tmp:
+        write_csv(done, tmp)
+    _write_text(out / "results.md", markdown_table(done, wall_time_s=time.perf_counter()
+                                                   - started))
+    with atomic_output(out / "metric_vs_batch.png") as tmp:
+        plot_metric_vs_batch(done, tmp)
     for tname in tasks:
         record = _trust_run(out, [r for r in done if r["task"] == tname])
         if record is not None:
-            plot_trust_ratios(record, out / f"trust_ratios_{tname}.png")
+            with atomic_output(out / f"trust_ratios_{tname}.png") as tmp:
+                plot_trust_ratios(record, tmp)
     return done
 
 

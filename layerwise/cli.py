@@ -2,46 +2,87 @@
 
 Every user error (a bad program, a missing file) prints one or more clear
 lines and exits with status 1 (``check``) or 2 (usage and input errors);
-never a Python traceback. ``train`` and ``ablate`` (the real-data tasks,
-``layerwise.train`` and ``layerwise.ablate``) print exactly one line for
-a bad input: a missing or invalid SPEC, an unknown task, a batch size
-larger than the training set, an unknown hyper name, an ``--adapt`` value
-that is not an adaptation (or one that cannot be applied to an optimizer
-of the grid), or a missing ``layerwise[tasks]`` dependency.
+never a Python traceback. ``check`` reports every file -- one that cannot
+be read, is not valid UTF-8 or extends a parent that cannot be used is
+reported like a program that does not check -- and goes on with the next.
+``train`` and ``ablate`` (the real-data tasks, ``layerwise.train`` and
+``layerwise.ablate``) print exactly one line for a bad input: a missing or
+invalid SPEC, an unknown task, a batch size larger than the training set,
+an unknown hyper name, a learning rate or hyper value that is not a finite
+number, an ``--adapt`` value that is not an adaptation (or one that cannot
+be applied to an optimizer of the grid), a ``--threads``/``--jobs`` count
+above the CPUs, an ``--out`` that cannot be written (a directory where a
+file is expected or the reverse, a device, an unwritable folder, a file
+that is not a run record, a folder holding another grid's records), or a
+missing ``layerwise[tasks]`` dependency. All of these are found before any
+training starts, and nothing is written.
+
+Anything else that goes wrong (a bug) prints one line, ``layerwise:
+internal error: TYPE: MESSAGE (please report)``, and exits with status 2;
+Ctrl-C prints ``layerwise: interrupted`` and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import stat
 import sys
 
 from .errors import SpecError
-from .spec import load, preset_summary, presets
+from .spec import load, parse, preset_summary, presets
 
 __all__ = ["main"]
+
+
+def _cannot_read(path: str, err: BaseException) -> str:
+    why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return f"{path}: cannot read: {why}"
+
+
+def _check_one(path: str) -> bool:
+    """Check one file for ``layerwise check``; print its result; True if it is ok."""
+    from .extends import read_source
+
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as err:            # missing, a bad name (NUL), ...
+        print(_cannot_read(path, err), file=sys.stderr)
+        return False
+    if not stat.S_ISREG(st.st_mode):                 # a directory, a FIFO (would block), ...
+        why = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        print(f"{path}: cannot read: {why}", file=sys.stderr)
+        return False
+    try:
+        spec = parse(read_source(path), path)
+    except SpecError as err:                         # also: not UTF-8, a bad parent
+        for line in err.lines():
+            print(line, file=sys.stderr)
+        return False
+    except UnicodeDecodeError as err:
+        print(f"{path}: cannot read: not valid UTF-8 ({err.reason} at byte {err.start})",
+              file=sys.stderr)
+        return False
+    except OSError as err:                           # a file it uses cannot be read
+        name = f" {err.filename}" if err.filename and str(err.filename) != path else ""
+        print(f"{path}: cannot read{name}: {err.strerror or err}", file=sys.stderr)
+        return False
+    except ValueError as err:
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"{path}: error: {text}", file=sys.stderr)
+        return False
+    for note in spec.program.notes:
+        s = note.span
+        print(f"{s.filename}:{s.line}:{s.column}: note: {note.message}")
+    print(f"{path}: ok")
+    return True
 
 
 def _cmd_check(args) -> int:
     failed = False
     for path in args.files:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as err:
-            print(f"{path}: cannot read: {err.strerror or err}", file=sys.stderr)
+        if not _check_one(path):
             failed = True
-            continue
-        try:
-            from .spec import parse
-            spec = parse(text, path)
-        except SpecError as err:
-            for line in err.lines():
-                print(line, file=sys.stderr)
-            failed = True
-        else:
-            for note in spec.program.notes:
-                s = note.span
-                print(f"{s.filename}:{s.line}:{s.column}: note: {note.message}")
-            print(f"{path}: ok")
     return 1 if failed else 0
 
 
@@ -87,24 +128,70 @@ def _one_line(err: BaseException) -> str:
         lines = err.lines()
         more = f" (and {len(lines) - 1} more: layerwise check FILE)" if len(lines) > 1 else ""
         return lines[0] + more
-    text = str(err).strip().splitlines()
-    return f"layerwise: error: {text[0] if text else type(err).__name__}"
+    return f"layerwise: error: {_first_line(err)}"
+
+
+def _finite_option(option: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise _InputError(f"{option} {value}: not a finite number")
+
+
+def _seed_option(seed: int) -> None:
+    if not -2**63 <= seed < 2**64:
+        raise _InputError(f"--seed {seed}: must be from -2**63 to 2**64 - 1 (torch's seed "
+                          "range)")
+
+
+def _count_option(option: str, value: int, limit: int, why: str) -> None:
+    if value > limit:
+        raise _InputError(f"{option} {value}: must be from 1 to {limit} ({why})")
+
+
+def _save_elsewhere(record: dict, out: str, err: OSError) -> str:
+    """The record could not be written to ``out`` after the run: keep it in a
+    temporary file instead (so the run is not lost) and say where."""
+    import json
+    import tempfile
+
+    from .train import json_safe
+
+    why = err.strerror or str(err)
+    try:
+        fd, spare = tempfile.mkstemp(prefix="layerwise-record-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
+    except OSError:
+        return f"layerwise: error: --out {out}: cannot write the record: {why}; the run is lost"
+    return (f"layerwise: error: --out {out}: cannot write the record: {why}; "
+            f"it was saved to {spare} instead")
 
 
 def _cmd_train(args) -> int:
     _need_task_deps("train")
     from .tasks import get_task
-    from .train import parse_hyper, train, write_record
+    from .train import (available_cpus, check_record_path, parse_hyper, resolve_spec, train,
+                        write_record)
 
+    # every input and the output path are checked before training
+    _finite_option("--lr", args.lr)
+    _seed_option(args.seed)
+    _count_option("--threads", args.threads, available_cpus(), "the CPUs this process may use")
     hypers = dict(parse_hyper(h) for h in args.hyper)
     task = get_task(args.task)
-    record = train(task, args.optimizer, progress=not args.quiet, threads=args.threads,
+    spec = resolve_spec(args.optimizer)
+    batch = task.default_batch_size if args.batch_size is None else args.batch_size
+    out = args.out or f"runs/{task.name}_{spec.name}_b{batch}.json"
+    check_record_path(out, "--out")
+    record = train(task, spec, progress=not args.quiet, threads=args.threads,
                    batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                    warmup_steps=args.warmup_steps, hypers=hypers, lr_rule=args.lr_rule,
                    seed=args.seed, compile=args.compile, max_steps=args.max_steps)
     cfg, final = record["config"], record["final"]
-    out = args.out or f"runs/{task.name}_{record['optimizer']['name']}_b{cfg['batch_size']}.json"
-    path = write_record(record, out)
+    try:
+        path = write_record(record, out)
+    except OSError as err:
+        print(_save_elsewhere(record, out, err), file=sys.stderr)
+        return 2
     length = (f"{cfg['epochs']} epoch(s)" if cfg["max_steps"] is None
               else f"cut at --max-steps {cfg['max_steps']}")
     print(f"{task.name} {cfg['label']}: batch {cfg['batch_size']}, {length}, "
@@ -123,14 +210,17 @@ def _cmd_train(args) -> int:
 
 def _cmd_ablate(args) -> int:
     _need_task_deps("ablate")
-    from .ablate import DEFAULT_OPTIMIZERS, make_variants, run_ablation
+    from .ablate import DEFAULT_OPTIMIZERS, max_jobs, make_variants, run_ablation
     from .tasks import get_task, task_names
-    from .train import parse_hyper
+    from .train import available_cpus, parse_hyper
 
+    _count_option("--threads", args.threads, available_cpus(), "the CPUs this process may use")
+    _count_option("--jobs", args.jobs, max_jobs(), "the CPUs this process may use, at least 2")
+    _seed_option(args.seed)
     tasks = args.task or task_names()
     for t in tasks:
         get_task(t)
-    base_lrs = dict(parse_hyper(x) for x in args.base_lr)
+    base_lrs = dict(parse_hyper(x, "--base-lr") for x in args.base_lr)
     variants = make_variants(args.optimizer or DEFAULT_OPTIMIZERS, args.phi or (), base_lrs,
                              args.lr_rule, adaptations=args.adapt)
     rows = run_ablation(args.out, variants, tasks=tasks, batch_sizes=args.batch_size,
@@ -238,18 +328,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _internal_error(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"layerwise: internal error: {type(err).__name__}: {text or '-'} (please report)"
+
+
+def _run(args) -> int:
     if args.func in (_cmd_train, _cmd_ablate):
+        from .ablate import CellFailed
+
         try:
             return args.func(args)
-        except (_InputError, SpecError, FileNotFoundError, ValueError) as err:
+        except (_InputError, SpecError, FileNotFoundError, ValueError, CellFailed) as err:
             print(_one_line(err), file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("layerwise: interrupted", file=sys.stderr)
-            return 130
+        except OSError as err:
+            print(f"layerwise: error: {err.filename + ': ' if err.filename else ''}"
+                  f"{err.strerror or err}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except SpecError as err:
@@ -257,5 +355,42 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as err:
-        print(f"layerwise: error: {err}", file=sys.stderr)
+        print(f"layerwise: error: {_first_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"layerwise: error: {err.filename + ': ' if err.filename else ''}"
+              f"cannot read: {err.strerror or err}", file=sys.stderr)
+        return 2
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Usage errors exit through argparse (``SystemExit(2)``); user errors
+    return 1 or 2 after printing one line (or one SpecError block); any
+    other exception returns 2 after one ``layerwise: internal error: ...``
+    line; Ctrl-C returns 130.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("layerwise: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                      # stdout closed early (| head): stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except Exception as err:                     # a bug: one line, never a traceback
+        try:
+            print(_internal_error(err), file=sys.stderr)
+        except Exception:
+            pass
         return 2

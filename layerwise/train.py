@@ -42,13 +42,17 @@ trust ratio and the record says so.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
+import stat
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -60,7 +64,8 @@ from .tasks import Task, get_task
 
 __all__ = ["LINEAR_RULE", "lr_rule_for", "scaled_lr", "lr_factor", "default_warmup",
            "with_trust_watch", "parse_hyper", "resolve_spec", "plan_run", "train",
-           "write_record"]
+           "available_cpus", "check_threads", "check_record_path", "nearest_directory",
+           "atomic_output", "json_safe", "write_record"]
 
 #: Presets whose learning rate is scaled linearly with the batch size (Goyal et al. 2017).
 LINEAR_RULE = frozenset({"sgd", "lars", "larc"})
@@ -171,20 +176,26 @@ def with_trust_watch(spec: Spec) -> tuple[Spec, str | None]:
 
 
 # ---------------------------------------------------------------- inputs
-def parse_hyper(text: str) -> tuple[str, float]:
-    """``"NAME=VALUE"`` -> ``(NAME, float(VALUE))``.
+def parse_hyper(text: str, option: str = "--hyper") -> tuple[str, float]:
+    """``"NAME=VALUE"`` -> ``(NAME, float(VALUE))``; ``option`` names the
+    command-line option in messages (``--hyper``, ``--base-lr``).
 
     Raises:
-        ValueError: if there is no ``=`` or VALUE is not a number.
+        ValueError: if there is no ``=``, no NAME, or VALUE is not a finite
+            number (``nan``, ``inf`` are refused: a record must be valid JSON,
+            and no hyper of a run is meant to be non-finite).
     """
     name, sep, value = text.partition("=")
     name = name.strip()
     if not sep or not name:
-        raise ValueError(f"--hyper expects NAME=VALUE, not '{text}'")
+        raise ValueError(f"{option} expects NAME=VALUE, not '{text}'")
     try:
-        return name, float(value)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"--hyper {name}: '{value.strip()}' is not a number") from None
+        raise ValueError(f"{option} {name}: '{value.strip()}' is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{option} {name}={value.strip()}: not a finite number")
+    return name, number
 
 
 def resolve_spec(spec: Spec | str) -> Spec:
@@ -197,6 +208,17 @@ def resolve_spec(spec: Spec | str) -> Spec:
     return spec if isinstance(spec, Spec) else load(spec)
 
 
+def _finite(name: str, value: Any) -> float:
+    """``float(value)``, or a ValueError naming ``name`` if it is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={value}: not a finite number")
+    return number
+
+
 def _check_hypers(spec: Spec, hypers: dict[str, float]) -> None:
     from .errors import suggest
 
@@ -204,6 +226,7 @@ def _check_hypers(spec: Spec, hypers: dict[str, float]) -> None:
         if name not in spec.hypers:
             raise ValueError(f"unknown hyper '{name}' for optimizer '{spec.name}'"
                              f"{suggest(name, spec.hypers)} (known: {', '.join(spec.hypers)})")
+        _finite(name, value)
         h = spec.program.hyper(name)
         if not h.admits(float(value)):
             raise ValueError(f"{name}={value:g} is outside its range {h.range} in optimizer "
@@ -252,7 +275,8 @@ def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
         ValueError: batch size not positive or larger than the training
             set; epochs < 1; warm-up steps < 0; a program without an
             ``lr`` hyper; an unknown LR rule; unknown hyper names or values
-            outside their range.
+            outside their range; an ``lr``, ``base_lr`` or hyper value that
+            is not a finite number; a seed outside torch's 64-bit range.
     """
     hypers = dict(hypers or {})
     if "lr" in hypers:
@@ -281,14 +305,22 @@ def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
     else:
         base_lr = spec.hypers["lr"]
         source = f"the program's default lr (no tuned value for '{spec.name}'), scaled by the rule"
+    base_lr = _finite("base_lr", base_lr)
     if lr is None:
         lr = scaled_lr(base_lr, batch_size, task.base_batch_size, rule)
+        if not math.isfinite(lr):
+            raise ValueError(f"lr={lr} (base_lr={base_lr:g} scaled by the {rule} rule): "
+                             "not a finite number")
     else:
+        lr = _finite("lr", lr)
         scaled_lr(1.0, batch_size, task.base_batch_size, rule)   # validates the rule name
         source = "given"
     warmup = default_warmup(total) if warmup_steps is None else int(warmup_steps)
     if warmup < 0:
         raise ValueError(f"warm-up steps must be >= 0, not {warmup}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed {seed}: must be an integer from -2**63 to 2**64 - 1 "
+                         "(torch's seed range)")
     all_hypers = {**task.base_hypers.get(spec.name, {}), **hypers}
     _check_hypers(spec, {**all_hypers, "lr": lr})
     return RunPlan(task=task.name, label=label or spec.name, batch_size=batch_size,
@@ -313,7 +345,7 @@ def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
         spec: a :class:`~layerwise.Spec`, preset name or ``.lw`` path.
         progress: show a tqdm progress bar (on stderr).
         threads: ``torch.set_num_threads`` for the run (restored after);
-            ``None`` leaves torch's setting.
+            ``None`` leaves torch's setting; at most :func:`available_cpus`.
         trust_watch: record a trust ratio via :func:`with_trust_watch`.
         **options: ``batch_size``, ``epochs``, ``lr``, ``base_lr``,
             ``warmup_steps``, ``hypers``, ``lr_rule``, ``seed``, ``compile``,
@@ -332,9 +364,12 @@ def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
 
     Raises:
         ValueError, FileNotFoundError, SpecError, UnknownTaskError: bad
-            input, all found before training starts (see :func:`plan_run`).
+            input, all found before training starts (see :func:`plan_run`
+            and :func:`check_threads`).
     """
     started = time.perf_counter()
+    if threads is not None:
+        check_threads(threads)
     task = get_task(task) if isinstance(task, str) else task
     spec = resolve_spec(spec)
     plan = plan_run(task, spec, **options)
@@ -430,9 +465,175 @@ def _version() -> str:
     return __version__
 
 
-def write_record(record: dict, path: str | Path) -> Path:
-    """Write ``record`` as JSON (strict: no NaN) to ``path``, creating folders."""
+# ---------------------------------------------------------------- outputs
+def available_cpus() -> int:
+    """The number of CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int, name: str = "threads") -> int:
+    """``threads`` if it is an integer from 1 to :func:`available_cpus`.
+
+    More torch threads than CPUs only slows a run down, and an absurd count
+    (100,000) exhausts memory inside torch; both are refused up front.
+
+    Raises:
+        ValueError: naming ``name`` and the limit.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise ValueError(f"{name} {threads!r}: not an integer")
+    limit = available_cpus()
+    if threads < 1 or threads > limit:
+        raise ValueError(f"{name} {threads}: must be from 1 to {limit} (the CPUs this "
+                         "process may use)")
+    return threads
+
+
+def nearest_directory(path: str | Path, what: str) -> Path:
+    """The nearest existing ancestor of ``path`` (``path``'s parent first), checked
+    to be a directory this process may create files in.
+
+    Raises:
+        ValueError: ``what: ...`` when an ancestor is not a directory or the
+            directory is not writable.
+    """
     path = Path(path)
+    parent = path.parent
+    while True:
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:
+            if parent.parent == parent:
+                raise ValueError(f"{what}: no existing folder to create it in") from None
+            parent = parent.parent
+            continue
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{what}: cannot use '{parent}': "
+                             f"{getattr(err, 'strerror', None) or err}") from None
+        break
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{what}: '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in '{parent}' (permission denied)")
+    return parent
+
+
+def _is_record(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"config", "optimizer", "final"} <= set(data)
+
+
+def check_record_path(path: str | Path, what: str = "--out") -> Path:
+    """Check, before a run, that a record can be written to ``path``.
+
+    Accepted: a path that does not exist yet (its missing folders are
+    created when the record is written) under a writable directory, or an
+    existing regular file that holds a run record (``write_record``
+    replaces it, atomically, once the new run is done). Refused: a
+    directory, a device or other non-regular file (``/dev/full``,
+    ``/dev/null``), a file that is not a record (it is the user's, not
+    ours to overwrite), a path under a file, an unwritable directory.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: a one-line message starting ``what PATH:``.
+    """
+    path = Path(path)
+    label = f"{what} {path}"
+    if str(path) in ("", "."):
+        raise ValueError(f"{what}: give a file name (FILE.json)")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        st = None            # a component is a file: nearest_directory says which
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{label}: cannot use it: "
+                         f"{getattr(err, 'strerror', None) or err}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{label}: is a directory (give a file name, FILE.json)")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{label}: not a regular file")
+        if not _is_record(path):
+            raise ValueError(f"{label}: exists and is not a layerwise run record; "
+                             "not overwriting it")
+        target = Path(os.path.realpath(path))
+        nearest_directory(target, label)
+        return path
+    nearest_directory(path, label)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; on success it replaces
+    ``path`` with ``os.replace`` (atomic), on failure it is removed.
+
+    So a reader (or a later run) sees the old file or the complete new one,
+    never a half-written file, and a failed write leaves an earlier file
+    as it was. A symlink at ``path`` is followed (its target is replaced).
+    Missing parent folders are created. The temporary name keeps the
+    suffix (``.png``, ``.json``), for writers that choose a format by it.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    tmp = None
+    for n in range(100):
+        candidate = path.with_name(f".{path.stem}.{os.getpid()}.{n}.tmp{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        tmp = candidate
+        break
+    if tmp is None:
+        raise FileExistsError(f"cannot create a temporary file beside {path}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by ``None``, so
+    that it is valid JSON (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_record(record: dict, path: str | Path) -> Path:
+    """Write ``record`` as strict JSON to ``path``, creating folders.
+
+    Non-finite floats are written as ``null`` (:func:`json_safe`; the
+    record's losses already are). The file is written beside ``path`` and
+    renamed over it (:func:`atomic_output`): a failure (disk full, ...)
+    raises ``OSError`` and leaves any earlier file at ``path`` unchanged.
+    """
+    path = Path(path)
+    text = json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
