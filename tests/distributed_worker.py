@@ -343,10 +343,11 @@ def main(out: Path, mode: str) -> None:
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
     # Every result is saved and the process group destroyed. Leave without
-    # running C++ static destructors: under load the profiler's (kineto's)
-    # threads sometimes abort the process at interpreter exit ("terminate
-    # called without an active exception", SIGABRT with no Python frame; see
-    # pytorch/kineto issue 1051), which failed CI after the work was done.
+    # running C++ static destructors: under load a torch.distributed process
+    # sometimes aborts at interpreter exit ("terminate called without an
+    # active exception", SIGABRT with no Python frame; seen with and without
+    # the profiler, cf. pytorch/kineto issue 1051), which failed CI after the
+    # work was done.
     # A failure during the work still exits non-zero and the test reads the
     # saved files, so nothing is hidden.
     sys.stdout.flush()
