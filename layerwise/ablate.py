@@ -74,11 +74,12 @@ from .errors import SpecError
 from .optimizer import Optimizer
 from .spec import Spec, load, presets
 from .tasks import Task, get_task, task_names
-from .train import (atomic_output, available_cpus, check_threads, nearest_directory, plan_run,
-                    resolve_spec, train, write_record)
+from .train import (atomic_output, available_cpus, check_count, check_threads,
+                    nearest_directory, plan_run, resolve_spec, train, write_record)
 
 __all__ = ["DEFAULT_OPTIMIZERS", "NONE", "Adaptation", "Variant", "CellFailed", "defines",
-           "adapt_spec", "make_adaptations", "make_variants", "record_name", "max_jobs", "check_out_dir",
+           "adapt_spec", "make_adaptations", "make_variants", "record_name", "max_jobs", "check_jobs",
+           "check_out_dir",
            "run_ablation", "write_csv", "markdown_table", "plot_metric_vs_batch",
            "plot_trust_ratios"]
 
@@ -372,6 +373,15 @@ def max_jobs() -> int:
     return max(2, available_cpus())
 
 
+def check_jobs(jobs: int, name: str = "jobs") -> int:
+    """``jobs`` if it is an integer from 1 to :func:`max_jobs`.
+
+    Raises:
+        ValueError: naming ``name`` and the limit.
+    """
+    return check_count(jobs, name, max_jobs(), "the CPUs this process may use, at least 2")
+
+
 def _run_cell(cell: dict) -> dict:
     """Run one grid cell (in a worker process or in-process); write its record; return its row."""
     task = _task(cell["task"])
@@ -541,8 +551,7 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
     from tqdm.auto import tqdm
 
     check_threads(threads, "threads")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= max_jobs():
-        raise ValueError(f"jobs {jobs!r}: must be an integer from 1 to {max_jobs()}")
+    check_jobs(jobs, "jobs")
     out = Path(out_dir)
     tasks = list(tasks) if tasks else task_names()
     specs = {}

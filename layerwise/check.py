@@ -54,6 +54,7 @@ from .errors import Problem, Span, SpecError, suggest
 from .extends import Declarations, collect
 from .syntax import (Assign, Binary, Call, Expr, Name, Num, Program, Range, Str, Unary, children,
                      format_expr, format_number)
+from .syntax import walk as _walk
 
 __all__ = ["Hyper", "State", "Rule", "CheckedProgram", "check_program", "check_declarations",
            "MAX_DEF_EXPANSION", "MAX_EXPRESSION_DEPTH", "MAX_PROBLEMS",
@@ -992,13 +993,6 @@ def _is_name_and_string(e: Binary) -> bool:
     sides = {type(e.left), type(e.right)}
     names = [x for x in (e.left, e.right) if isinstance(x, Name)]
     return sides == {Name, Str} and names[0].id == "name"
-
-
-def _walk(e: Expr):
-    """``e`` and every expression under it."""
-    yield e
-    for c in children(e):
-        yield from _walk(c)
 
 
 def _calls(e: Expr) -> set[str]:

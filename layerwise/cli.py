@@ -59,10 +59,6 @@ def _check_one(path: str) -> bool:
         for line in err.lines():
             print(line, file=sys.stderr)
         return False
-    except UnicodeDecodeError as err:
-        print(f"{path}: cannot read: not valid UTF-8 ({err.reason} at byte {err.start})",
-              file=sys.stderr)
-        return False
     except OSError as err:                           # a file it uses cannot be read
         name = f" {err.filename}" if err.filename and str(err.filename) != path else ""
         print(f"{path}: cannot read{name}: {err.strerror or err}", file=sys.stderr)
@@ -136,30 +132,18 @@ def _finite_option(option: str, value: float | None) -> None:
         raise _InputError(f"{option} {value}: not a finite number")
 
 
-def _seed_option(seed: int) -> None:
-    if not -2**63 <= seed < 2**64:
-        raise _InputError(f"--seed {seed}: must be from -2**63 to 2**64 - 1 (torch's seed "
-                          "range)")
-
-
-def _count_option(option: str, value: int, limit: int, why: str) -> None:
-    if value > limit:
-        raise _InputError(f"{option} {value}: must be from 1 to {limit} ({why})")
-
-
 def _save_elsewhere(record: dict, out: str, err: OSError) -> str:
     """The record could not be written to ``out`` after the run: keep it in a
     temporary file instead (so the run is not lost) and say where."""
-    import json
     import tempfile
 
-    from .train import json_safe
+    from .train import write_record
 
     why = err.strerror or str(err)
     try:
         fd, spare = tempfile.mkstemp(prefix="layerwise-record-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
+        os.close(fd)
+        write_record(record, spare)
     except OSError:
         return f"layerwise: error: --out {out}: cannot write the record: {why}; the run is lost"
     return (f"layerwise: error: --out {out}: cannot write the record: {why}; "
@@ -169,13 +153,13 @@ def _save_elsewhere(record: dict, out: str, err: OSError) -> str:
 def _cmd_train(args) -> int:
     _need_task_deps("train")
     from .tasks import get_task
-    from .train import (available_cpus, check_record_path, parse_hyper, resolve_spec, train,
-                        write_record)
+    from .train import (check_record_path, check_seed, check_threads, parse_hyper,
+                        resolve_spec, train, write_record)
 
     # every input and the output path are checked before training
     _finite_option("--lr", args.lr)
-    _seed_option(args.seed)
-    _count_option("--threads", args.threads, available_cpus(), "the CPUs this process may use")
+    check_seed(args.seed, "--seed")
+    check_threads(args.threads, "--threads")
     hypers = dict(parse_hyper(h) for h in args.hyper)
     task = get_task(args.task)
     spec = resolve_spec(args.optimizer)
@@ -210,13 +194,13 @@ def _cmd_train(args) -> int:
 
 def _cmd_ablate(args) -> int:
     _need_task_deps("ablate")
-    from .ablate import DEFAULT_OPTIMIZERS, max_jobs, make_variants, run_ablation
+    from .ablate import DEFAULT_OPTIMIZERS, check_jobs, make_variants, run_ablation
     from .tasks import get_task, task_names
-    from .train import available_cpus, parse_hyper
+    from .train import check_seed, check_threads, parse_hyper
 
-    _count_option("--threads", args.threads, available_cpus(), "the CPUs this process may use")
-    _count_option("--jobs", args.jobs, max_jobs(), "the CPUs this process may use, at least 2")
-    _seed_option(args.seed)
+    check_threads(args.threads, "--threads")
+    check_jobs(args.jobs, "--jobs")
+    check_seed(args.seed, "--seed")
     tasks = args.task or task_names()
     for t in tasks:
         get_task(t)
@@ -345,8 +329,7 @@ def _run(args) -> int:
             print(_one_line(err), file=sys.stderr)
             return 2
         except OSError as err:
-            print(f"layerwise: error: {err.filename + ': ' if err.filename else ''}"
-                  f"{err.strerror or err}", file=sys.stderr)
+            print(f"layerwise: error: {_os_error(err)}", file=sys.stderr)
             return 2
     try:
         return args.func(args)
@@ -358,9 +341,13 @@ def _run(args) -> int:
         print(f"layerwise: error: {_first_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"layerwise: error: {err.filename + ': ' if err.filename else ''}"
-              f"cannot read: {err.strerror or err}", file=sys.stderr)
+        print(f"layerwise: error: {_os_error(err, 'cannot read: ')}", file=sys.stderr)
         return 2
+
+
+def _os_error(err: OSError, doing: str = "") -> str:
+    """``FILE: DOING WHY`` for an OSError (no ``FILE: `` when it names none)."""
+    return f"{str(err.filename) + ': ' if err.filename else ''}{doing}{err.strerror or err}"
 
 
 def _first_line(err: BaseException) -> str:

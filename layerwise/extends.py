@@ -135,9 +135,10 @@ class _Unreadable(Exception):
 
 def _read(path: str | os.PathLike) -> str:
     try:
+        # stat first: opening a FIFO would block until something writes to it
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise _Unreadable("it is not a regular file")
         with open(path, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise _Unreadable("it is not a regular file")
             data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise _Unreadable(f"cannot read it: {err.strerror or type(err).__name__}") from None

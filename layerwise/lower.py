@@ -74,6 +74,7 @@ from . import ops
 from .builtins import PARAM_NAMES, widest
 from .check import CheckedProgram
 from .syntax import Binary, Call, Expr, Name, Num, Unary, children
+from .syntax import walk as _walk
 
 __all__ = ["GlobalReduction", "Lowered", "lower", "finish_globals", "fresh_name", "uses_units"]
 
@@ -432,12 +433,6 @@ class _Builder:
 
 #: Broadcast a narrower value to a row, col or elem value.
 _FILL = {"row": ops.row_fill, "col": ops.col_fill, "elem": ops.fill_like}
-
-
-def _walk(e: Expr):
-    yield e
-    for c in children(e):
-        yield from _walk(c)
 
 
 def uses_units(program: CheckedProgram) -> bool:

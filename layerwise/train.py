@@ -64,7 +64,7 @@ from .tasks import Task, get_task
 
 __all__ = ["LINEAR_RULE", "lr_rule_for", "scaled_lr", "lr_factor", "default_warmup",
            "with_trust_watch", "parse_hyper", "resolve_spec", "plan_run", "train",
-           "available_cpus", "check_threads", "check_record_path", "nearest_directory",
+           "available_cpus", "check_count", "check_threads", "check_seed", "check_record_path", "nearest_directory",
            "atomic_output", "json_safe", "write_record"]
 
 #: Presets whose learning rate is scaled linearly with the batch size (Goyal et al. 2017).
@@ -318,7 +318,7 @@ def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
     warmup = default_warmup(total) if warmup_steps is None else int(warmup_steps)
     if warmup < 0:
         raise ValueError(f"warm-up steps must be >= 0, not {warmup}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+    if not _seed_ok(seed):
         raise ValueError(f"seed {seed}: must be an integer from -2**63 to 2**64 - 1 "
                          "(torch's seed range)")
     all_hypers = {**task.base_hypers.get(spec.name, {}), **hypers}
@@ -474,6 +474,20 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_count(value: int, name: str, limit: int, why: str) -> int:
+    """``value`` if it is an integer from 1 to ``limit``.
+
+    Raises:
+        ValueError: ``"NAME VALUE: must be from 1 to LIMIT (WHY)"``, or
+            ``"NAME VALUE: not an integer"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} {value!r}: not an integer")
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} {value}: must be from 1 to {limit} ({why})")
+    return value
+
+
 def check_threads(threads: int, name: str = "threads") -> int:
     """``threads`` if it is an integer from 1 to :func:`available_cpus`.
 
@@ -481,15 +495,25 @@ def check_threads(threads: int, name: str = "threads") -> int:
     (100,000) exhausts memory inside torch; both are refused up front.
 
     Raises:
-        ValueError: naming ``name`` and the limit.
+        ValueError: naming ``name`` and the limit (:func:`check_count`).
     """
-    if isinstance(threads, bool) or not isinstance(threads, int):
-        raise ValueError(f"{name} {threads!r}: not an integer")
-    limit = available_cpus()
-    if threads < 1 or threads > limit:
-        raise ValueError(f"{name} {threads}: must be from 1 to {limit} (the CPUs this "
-                         "process may use)")
-    return threads
+    return check_count(threads, name, available_cpus(), "the CPUs this process may use")
+
+
+def _seed_ok(seed: Any) -> bool:
+    """Whether ``seed`` is an integer in torch's seed range, -2**63 to 2**64 - 1."""
+    return not isinstance(seed, bool) and isinstance(seed, int) and -2**63 <= seed < 2**64
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """``seed`` (an integer from the command line) if it is in torch's seed range.
+
+    Raises:
+        ValueError: naming ``name`` and the range.
+    """
+    if not _seed_ok(seed):
+        raise ValueError(f"{name} {seed}: must be from -2**63 to 2**64 - 1 (torch's seed range)")
+    return seed
 
 
 def nearest_directory(path: str | Path, what: str) -> Path:

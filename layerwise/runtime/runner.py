@@ -112,13 +112,12 @@ class Runner:
                    for n in f.elem_inputs]
         vec = [reds[p.reads[n]] if n in p.reads else env[k] if (k := named.get(n, n)) in env
                else bucket.colref for n in f.vec_inputs]
-        if act is not None:
-            pass            # given with ``active`` (the step's mask, e.g. the non-finite guard's)
-        elif active is bucket.active:
+        # ``act``, the per-chunk mask, may come with ``active`` (the non-finite guard's)
+        if act is None and active is bucket.active:
             # eager: None when every segment is active (writes become plain copies)
             act = None if self._eager[id(p)] and all(bucket.active_key) \
                 else bucket.active_chunks
-        else:
+        elif act is None:
             act = active[bucket.seg].unsqueeze(1)
         eager_cpu = self._eager[id(p)] and bucket.device.type == "cpu"
         valid = bucket.partial_rows(eager_block(self.chunk)) if eager_cpu else bucket.valid

@@ -33,6 +33,12 @@ def _plain_tensor_problem(t: torch.Tensor) -> str | None:
     return None
 
 
+def _numpy_hint(value) -> str:
+    """A hint for a NumPy value where a tensor or number is expected ('' otherwise)."""
+    return (" (convert NumPy values with torch.as_tensor)"
+            if type(value).__module__ == "numpy" else "")
+
+
 def check_param(p: torch.Tensor, where: str) -> None:
     """Refuse a parameter the runtime cannot update correctly.
 
@@ -93,10 +99,8 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
 
 def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        hint = (" (convert NumPy values with torch.as_tensor)"
-                if type(value).__module__ == "numpy" else "")
         raise ValueError(f"{where} is {type(value).__name__} {value!r}, not a number or "
-                         f"a tensor{hint}")
+                         f"a tensor{_numpy_hint(value)}")
     if isinstance(value, torch.Tensor):
         problem = _plain_tensor_problem(value)
         if problem:
@@ -138,10 +142,8 @@ def check_state_entry(p: torch.Tensor, key: str, value, kind: str | None,
     expected = tuple(p.shape) if kind == "elem" else tuple(shape)
     what = "the parameter" if kind == "elem" else f"one number per {kind}"
     if not isinstance(value, torch.Tensor):
-        hint = (" (convert NumPy values with torch.as_tensor)"
-                if type(value).__module__ == "numpy" else "")
         raise ValueError(f"{at} is {type(value).__name__}, not a tensor of shape {expected} "
-                         f"({what}){hint}")
+                         f"({what}){_numpy_hint(value)}")
     problem = _plain_tensor_problem(value)
     if problem:
         raise ValueError(f"{at} {problem}")
