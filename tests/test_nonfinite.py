@@ -21,18 +21,20 @@ SPECS = ["lamb", "lars", "nvlamb", "adamw"]
 BAD = [float("nan"), float("inf"), -float("inf")]
 
 
-def make_params(seed: int = 0) -> list[tuple[str, nn.Parameter]]:
+def make_params(seed: int = 0, dtype: torch.dtype = torch.float32
+                ) -> list[tuple[str, nn.Parameter]]:
     gen = torch.Generator().manual_seed(seed)
     shapes = {"w1": (16, 24), "b1": (24,), "w2": (300,), "t": (8, 8)}
-    out = [(n, nn.Parameter(torch.randn(s, generator=gen))) for n, s in shapes.items()]
+    out = [(n, nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)))
+           for n, s in shapes.items()]
     # a transposed parameter: packed, not adopted, by the runtime
-    out[-1] = ("t", nn.Parameter(torch.randn(8, 8, generator=gen).t()))
+    out[-1] = ("t", nn.Parameter(torch.randn(8, 8, generator=gen, dtype=dtype).t()))
     return out
 
 
 def grads(params, gen: torch.Generator, bad: float | None = None, where: int = 0) -> None:
     for i, (_, p) in enumerate(params):
-        g = torch.randn(p.shape, generator=gen) * 0.1
+        g = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1
         if bad is not None and i == where:
             g.view(-1)[g.numel() // 2] = bad
         p.grad = g
@@ -56,11 +58,12 @@ def assert_bitwise(a: dict, b: dict) -> None:
                            y.contiguous().reshape(-1).view(torch.uint8)), k
 
 
-def run(spec: str, compile: bool, plan: list, nonfinite: str | None = "skip", check=None):
+def run(spec: str, compile: bool, plan: list, nonfinite: str | None = "skip", check=None,
+        dtype: torch.dtype = torch.float32):
     """Steps as ``plan`` says (None: a finite step; a float: that value in one
     gradient element, of the parameter ``where``); ``check(opt, params,
     before, i)`` is called after each bad step with the snapshot before it."""
-    params = make_params()
+    params = make_params(dtype=dtype)
     kwargs = {} if nonfinite is None else {"nonfinite": nonfinite}
     opt = lw.Optimizer(params, spec, compile=compile, **kwargs)
     gen = torch.Generator().manual_seed(1)
@@ -78,8 +81,9 @@ def run(spec: str, compile: bool, plan: list, nonfinite: str | None = "skip", ch
     return params, opt
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("spec", SPECS)
-def test_bad_steps_are_skipped_bit_for_bit_eager(spec):
+def test_bad_steps_are_skipped_bit_for_bit_eager(spec, dtype):
     skipped = []
 
     def check(opt, params, before, i):
@@ -87,12 +91,13 @@ def test_bad_steps_are_skipped_bit_for_bit_eager(spec):
         skipped.append(int(opt.skipped_steps))
 
     plan = [None, None, *BAD, None, (float("nan"), 1), None]
-    params, opt = run(spec, False, plan, check=check)
+    params, opt = run(spec, False, plan, check=check, dtype=dtype)
     assert skipped == [1, 2, 3, 4]
     assert int(opt.skipped_steps) == 4
     assert all(float(opt.state[p]["step"]) == 4 for _, p in params)
+    assert all(p.dtype == dtype for _, p in params)
     # the same finite steps without the bad ones (and without the guard)
-    ref_params, ref = run(spec, False, [None] * 4, nonfinite=None)
+    ref_params, ref = run(spec, False, [None] * 4, nonfinite=None, dtype=dtype)
     assert_bitwise(snapshot(ref, ref_params), snapshot(opt, params))
 
 

@@ -37,23 +37,27 @@ ODD = [dict(lr="lambda", b1="β1", eps="self", m="class", calls="print"),
        dict(lr="torch", b1="η", eps="None", m="φ", calls="def_")]
 
 
-def _run(names, compile):
+def _run(names, compile, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3), (3,), ()]]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype))
+              for s in [(4, 3), (3,), ()]]
+    # and a non-contiguous (transposed) parameter
+    params.append(torch.nn.Parameter(torch.randn(5, 4, generator=gen, dtype=dtype).t()))
     opt = lw.Optimizer(params, lw.parse(TEMPLATE.format(**names)), compile=compile,
                        record=("every", 1))
     for _ in range(3):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
         opt.step()
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
     return [p.detach().clone() for p in params], state, opt
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("names", ODD, ids=["keywords", "unicode"])
-def test_odd_names_update_like_plain_names_eager(names):
-    want, want_state, _ = _run(PLAIN, False)
-    got, got_state, opt = _run(names, False)
+def test_odd_names_update_like_plain_names_eager(names, dtype):
+    want, want_state, _ = _run(PLAIN, False, dtype)
+    got, got_state, opt = _run(names, False, dtype)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     for s, t in zip(got_state, want_state):
