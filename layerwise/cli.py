@@ -169,7 +169,8 @@ def _cmd_train(args) -> int:
     record = train(task, spec, progress=not args.quiet, threads=args.threads,
                    batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                    warmup_steps=args.warmup_steps, hypers=hypers, lr_rule=args.lr_rule,
-                   seed=args.seed, compile=args.compile, max_steps=args.max_steps)
+                   seed=args.seed, compile=args.compile, max_steps=args.max_steps,
+                   eval_every=args.eval_every)
     cfg, final = record["config"], record["final"]
     try:
         path = write_record(record, out)
@@ -194,27 +195,71 @@ def _cmd_train(args) -> int:
 
 def _cmd_ablate(args) -> int:
     _need_task_deps("ablate")
-    from .ablate import DEFAULT_OPTIMIZERS, check_jobs, make_variants, run_ablation
+    from .ablate import (DEFAULT_OPTIMIZERS, check_jobs, make_variants, plan_grid,
+                         run_ablation, write_plan)
+    from .report import parse_targets
     from .tasks import get_task, task_names
     from .train import check_seed, check_threads, parse_hyper
 
     check_threads(args.threads, "--threads")
     check_jobs(args.jobs, "--jobs")
     check_seed(args.seed, "--seed")
+    check_seed(args.seed + args.seeds - 1, "--seed + --seeds - 1")
     tasks = args.task or task_names()
-    for t in tasks:
-        get_task(t)
+    names = [get_task(t).name for t in tasks]
+    targets = parse_targets(args.target, names)
     base_lrs = dict(parse_hyper(x, "--base-lr") for x in args.base_lr)
     variants = make_variants(args.optimizer or DEFAULT_OPTIMIZERS, args.phi or (), base_lrs,
                              args.lr_rule, adaptations=args.adapt)
-    rows = run_ablation(args.out, variants, tasks=tasks, batch_sizes=args.batch_size,
-                        epochs=args.epochs, seed=args.seed, jobs=args.jobs, threads=args.threads,
-                        progress=not args.quiet, max_steps=args.max_steps)
+    grid = dict(tasks=tasks, batch_sizes=args.batch_size, epochs=args.epochs, seed=args.seed,
+                seeds=args.seeds, protocol=args.protocol, lr_grid=args.lr_grid,
+                warmup_grid=args.warmup_grid, max_steps=args.max_steps,
+                eval_every=args.eval_every)
+    if args.plan is not None:
+        runs = plan_grid(args.out, variants, **grid)
+        if args.plan == "-":
+            n = write_plan(args.out, runs, sys.stdout, args.threads)
+        else:
+            from .ablate import check_plan_path
+            from .train import atomic_output
+            check_plan_path(args.plan)
+            with atomic_output(args.plan) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+                n = write_plan(args.out, runs, fh, args.threads)
+        print(f"{n} of {len(runs)} runs to do (the others have records in {args.out}); then: "
+              f"layerwise report {args.out}", file=sys.stderr)
+        return 0
+    rows = run_ablation(args.out, variants, jobs=args.jobs, threads=args.threads,
+                        progress=not args.quiet, targets=targets, **grid)
     from pathlib import Path
     out = Path(args.out)
     print((out / "results.md").read_text(encoding="utf-8"), end="")
-    print(f"{len(rows)} runs; wrote {out / 'results.csv'}, {out / 'results.md'}, "
-          f"{out / 'metric_vs_batch.png'}, trust-ratio plots and {out / 'runs'}/")
+    print(f"{len(rows)} runs; wrote {out / 'results.csv'}, {out / 'summary.csv'}, "
+          f"{out / 'results.md'}, plots and {out / 'runs'}/")
+    return 0
+
+
+def _cmd_run_cell(args) -> int:
+    _need_task_deps("run-cell")
+    from .ablate import run_cell_json
+    from .train import check_threads
+
+    check_threads(args.threads, "--threads")
+    path, trained = run_cell_json(args.out, args.config, args.threads)
+    print(f"{'wrote' if trained else 'already there, not run again:'} {path}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    _need_task_deps("report")
+    from .ablate import write_report
+    from .report import parse_targets
+
+    rows = write_report(args.dir, targets=parse_targets(args.target))
+    from pathlib import Path
+    out = Path(args.dir)
+    print((out / "results.md").read_text(encoding="utf-8"), end="")
+    print(f"{len(rows)} runs; wrote {out / 'results.csv'}, {out / 'summary.csv'}, "
+          f"{out / 'results.md'} and plots")
     return 0
 
 
@@ -231,9 +276,10 @@ def _positive_int(text: str) -> int:
 def _add_train_parsers(sub) -> None:
     import os
 
-    p = sub.add_parser("train", help="train a built-in task (digits, charlm) with a preset "
+    p = sub.add_parser("train", help="train a task (built-in or your own) with a preset "
                                      "or .lw file; write a JSON record of the run")
-    p.add_argument("--task", required=True, help="digits or charlm")
+    p.add_argument("--task", required=True,
+                   help="a built-in task (digits, charlm, mlm), FILE.py[:FUNC] or MODULE:FUNC")
     p.add_argument("--optimizer", required=True, metavar="SPEC",
                    help="a preset name or a path to a .lw file")
     p.add_argument("--batch-size", type=int, metavar="N", help="default: the task's")
@@ -257,13 +303,16 @@ def _add_train_parsers(sub) -> None:
                    help="where to write the record (default: runs/TASK_NAME_bN.json)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N",
                    help="stop after N steps (a quick smoke run)")
+    p.add_argument("--eval-every", type=_positive_int, metavar="K",
+                   help="evaluate the test split every K steps (default: about 20 times)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("ablate", help="optimizer x adaptation x batch-size grid on the built-in "
-                                      "tasks: results.csv, results.md and plots in DIR")
+    p = sub.add_parser("ablate", help="optimizer x adaptation x batch-size grid (seeds, "
+                                      "protocols): tables and plots in DIR")
     p.add_argument("--task", nargs="+", action="extend", metavar="T",
-                   help="tasks (default: all: digits charlm)")
+                   help="tasks: built-in names, FILE.py[:FUNC] or MODULE:FUNC "
+                        "(default: every built-in task)")
     p.add_argument("--optimizer", nargs="+", action="extend", metavar="SPEC",
                    help="presets or .lw files (default: lamb lars adamw sgd)")
     p.add_argument("--batch-size", nargs="+", action="extend", type=_positive_int,
@@ -290,8 +339,42 @@ def _add_train_parsers(sub) -> None:
                    help="torch threads per run (default: 1)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N",
                    help="stop every run after N steps (a quick smoke run)")
+    p.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+                   help="runs per cell, seeds SEED .. SEED+N-1 (model init and data order); "
+                        "tables show mean +- sd (default: 1)")
+    p.add_argument("--protocol", choices=("scaled", "tuned"), default="scaled",
+                   help="scaled: one base LR scaled by the LR rule (default); tuned: a grid "
+                        "of LRs (and warm-ups) per batch size, chosen on the val split")
+    p.add_argument("--lr-grid", nargs="+", action="extend", type=float, metavar="F",
+                   help="tuned: factors of the scaled LR to try (default: 0.25 0.5 1 2 4)")
+    p.add_argument("--warmup-grid", nargs="+", action="extend", type=float, metavar="FRAC",
+                   help="tuned: warm-up lengths to try, as fractions of a run's steps "
+                        "(default: 0.1 only)")
+    p.add_argument("--eval-every", type=_positive_int, metavar="K",
+                   help="evaluate the test split every K steps (default: about 20 times a "
+                        "run), for steps to target")
+    p.add_argument("--target", nargs="+", action="extend", default=[], metavar="[TASK=]X",
+                   help="steps-to-target target of the test metric (default: each task's)")
+    p.add_argument("--plan", metavar="FILE",
+                   help="do not train: write one 'layerwise run-cell' command per run without "
+                        "a record to FILE (- for stdout), for a cluster scheduler; then "
+                        "'layerwise report DIR'")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ablate)
+
+    p = sub.add_parser("run-cell", help="run one run of an ablation plan (a line of "
+                                        "'layerwise ablate --plan')")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("config", metavar="JSON")
+    p.set_defaults(func=_cmd_run_cell)
+
+    p = sub.add_parser("report", help="rebuild an ablation's tables and plots from the run "
+                                      "records in DIR/runs")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--target", nargs="+", action="extend", default=[], metavar="[TASK=]X",
+                   help="steps-to-target target of the test metric (default: each task's)")
+    p.set_defaults(func=_cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the shipped presets, one line each")
     p.set_defaults(func=_cmd_presets)
     _add_train_parsers(sub)
+    from . import noise_scale
+    noise_scale.add_parser(sub)
     return parser
 
 
@@ -320,7 +405,8 @@ def _internal_error(err: BaseException) -> str:
 
 
 def _run(args) -> int:
-    if args.func in (_cmd_train, _cmd_ablate):
+    from . import noise_scale
+    if args.func in (_cmd_train, _cmd_ablate, _cmd_run_cell, _cmd_report, noise_scale.run):
         from .ablate import CellFailed
 
         try:

@@ -447,6 +447,10 @@ class Optimizer(torch.optim.Optimizer):
             name, tensor = (p[0], p[1]) if isinstance(p, tuple) else (None, p)
             names.append(name)
             tensors.append(tensor)
+        given = param_group.get("param_names")     # torch's key: names of bare tensors
+        if (isinstance(given, (list, tuple)) and len(given) == len(names)
+                and all(n is None for n in names) and all(isinstance(n, str) for n in given)):
+            names = list(given)
         rules = []
         before = sum(len(g["params"]) for g in self.param_groups)
         for k, (name, p) in enumerate(zip(names, tensors)):

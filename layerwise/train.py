@@ -1,11 +1,15 @@
-"""Train a built-in task with a layerwise program and keep a JSON record of the run.
+"""Train a task with a layerwise program and keep a JSON record of the run.
 
 The loop is an ordinary PyTorch loop around ``lw.Optimizer``::
 
     for epoch in range(epochs):
         for x, y in task.batches(batch_size, epoch, seed):
             opt.zero_grad(); task.loss(model, x, y).backward(); opt.step(); sched.step()
-        task.evaluate(model, data)
+            every eval_every steps: task.evaluate_split(model, "test")
+    at the end: task.evaluate_split(model, "val") as well
+
+The test split is the reported one; the val split is only for selection
+(``layerwise ablate --protocol tuned``).
 
 Learning-rate rule (used by ``layerwise train`` when no ``--lr`` is given
 and by ``layerwise ablate`` for every grid cell)::
@@ -65,12 +69,15 @@ from .tasks import Task, get_task
 __all__ = ["LINEAR_RULE", "lr_rule_for", "scaled_lr", "lr_factor", "default_warmup",
            "with_trust_watch", "parse_hyper", "resolve_spec", "plan_run", "train",
            "available_cpus", "check_count", "check_threads", "check_seed", "check_record_path", "nearest_directory",
-           "atomic_output", "json_safe", "write_record"]
+           "atomic_output", "json_safe", "write_record", "probe_parameters", "default_eval_every",
+           "EVALS_PER_RUN"]
 
 #: Presets whose learning rate is scaled linearly with the batch size (Goyal et al. 2017).
 LINEAR_RULE = frozenset({"sgd", "lars", "larc"})
 _RULE_POWER = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
 WARMUP_FRACTION = 0.1
+#: Evaluations of the test split per run when no interval is given.
+EVALS_PER_RUN = 20
 
 
 # ---------------------------------------------------------------- LR rule and schedule
@@ -94,6 +101,13 @@ def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) 
 def default_warmup(total_steps: int) -> int:
     """Warm-up steps when none are given: ``ceil(0.1 * total_steps)``, at least 1."""
     return max(1, math.ceil(WARMUP_FRACTION * total_steps))
+
+
+def default_eval_every(total_steps: int) -> int:
+    """Steps between evaluations when none are given: ``ceil(total_steps / 20)``, at
+    least 1 (about 20 evaluations per run whatever the batch size, so steps to a
+    target are resolved to about 5% of a run)."""
+    return max(1, math.ceil(total_steps / EVALS_PER_RUN))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -231,8 +245,16 @@ def _check_hypers(spec: Spec, hypers: dict[str, float]) -> None:
         if not h.admits(float(value)):
             raise ValueError(f"{name}={value:g} is outside its range {h.range} in optimizer "
                              f"'{spec.name}'")
-    # and whatever else lw.Optimizer checks
-    Optimizer([torch.zeros(1, requires_grad=True)], spec, compile=False, **hypers)
+    # and whatever else lw.Optimizer checks; the probe is named, so that a
+    # program with a 'for name ~ ...' rule checks too (the rule matches or not)
+    Optimizer(probe_parameters(), spec, compile=False, **hypers)
+
+
+def probe_parameters() -> list[tuple[str, torch.Tensor]]:
+    """One named float32 parameter of shape ``(1,)``, ``[("probe", tensor)]``, on which
+    train and ablate check a program and its hyper values before any run
+    (named, so that programs with ``for name ~ ...`` rules are accepted)."""
+    return [("probe", torch.zeros(1, requires_grad=True))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,13 +276,15 @@ class RunPlan:
     seed: int
     compile: bool
     max_steps: int | None
+    eval_every: int
 
 
 def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
              epochs: int | None = None, lr: float | None = None, base_lr: float | None = None,
              warmup_steps: int | None = None, hypers: dict[str, float] | None = None,
              lr_rule: str | None = None, seed: int = 0, compile: bool = False,
-             label: str | None = None, max_steps: int | None = None) -> RunPlan:
+             label: str | None = None, max_steps: int | None = None,
+             eval_every: int | None = None) -> RunPlan:
     """Resolve defaults and validate a run before any training.
 
     ``lr`` is the peak learning rate; when ``None`` it is
@@ -270,13 +294,17 @@ def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
     program's defaults and the task's ``base_hypers`` for ``spec.name``
     (an ``lr`` in ``hypers`` is the same as ``lr=``). ``max_steps`` cuts
     the run short (smoke tests); the schedule is planned for the cut run.
+    ``eval_every`` is the number of steps between evaluations of the test
+    split (default :func:`default_eval_every`); the last step is always
+    evaluated, on the val split too.
 
     Raises:
         ValueError: batch size not positive or larger than the training
             set; epochs < 1; warm-up steps < 0; a program without an
             ``lr`` hyper; an unknown LR rule; unknown hyper names or values
             outside their range; an ``lr``, ``base_lr`` or hyper value that
-            is not a finite number; a seed outside torch's 64-bit range.
+            is not a finite number; a seed outside torch's 64-bit range;
+            ``eval_every`` < 1.
     """
     hypers = dict(hypers or {})
     if "lr" in hypers:
@@ -321,6 +349,10 @@ def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
     if not _seed_ok(seed):
         raise ValueError(f"seed {seed}: must be an integer from -2**63 to 2**64 - 1 "
                          "(torch's seed range)")
+    if eval_every is None:
+        eval_every = default_eval_every(total)
+    elif isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer, not {eval_every!r}")
     all_hypers = {**task.base_hypers.get(spec.name, {}), **hypers}
     _check_hypers(spec, {**all_hypers, "lr": lr})
     return RunPlan(task=task.name, label=label or spec.name, batch_size=batch_size,
@@ -328,7 +360,8 @@ def plan_run(task: Task, spec: Spec, *, batch_size: int | None = None,
                    lr=float(lr), base_lr=float(base_lr), base_batch_size=task.base_batch_size,
                    lr_rule=rule, lr_source=source, warmup_steps=min(warmup, total),
                    hypers=all_hypers, seed=int(seed), compile=bool(compile),
-                   max_steps=None if max_steps is None else int(max_steps))
+                   max_steps=None if max_steps is None else int(max_steps),
+                   eval_every=int(eval_every))
 
 
 # ---------------------------------------------------------------- the loop
@@ -337,7 +370,8 @@ def _round(x: float) -> float | None:
 
 
 def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
-          threads: int | None = None, trust_watch: bool = True, **options: Any) -> dict:
+          threads: int | None = None, trust_watch: bool = True, plan: RunPlan | None = None,
+          **options: Any) -> dict:
     """Train ``task``'s model with ``spec`` and return the run's record (a JSON-able dict).
 
     Args:
@@ -347,17 +381,23 @@ def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
         threads: ``torch.set_num_threads`` for the run (restored after);
             ``None`` leaves torch's setting; at most :func:`available_cpus`.
         trust_watch: record a trust ratio via :func:`with_trust_watch`.
+        plan: a plan made by :func:`plan_run` for this task and spec (then no
+            ``options`` may be given).
         **options: ``batch_size``, ``epochs``, ``lr``, ``base_lr``,
             ``warmup_steps``, ``hypers``, ``lr_rule``, ``seed``, ``compile``,
             ``label``, ``max_steps``: see :func:`plan_run`.
 
     Returns:
-        ``{"task", "optimizer", "config", "loss", "lr", "val", "final",
+        ``{"task", "optimizer", "config", "loss", "lr", "evals", "final",
         "trust_ratios", "wall_time_s", "versions"}``: ``loss`` and ``lr``
         have one float per step (training cross-entropy in nats on that
         step's batch, before the update; the learning rate used by it);
-        ``val`` one entry per epoch; ``final`` the last evaluation with
-        ``metric``/``value`` and ``diverged``; ``trust_ratios`` is
+        ``evals`` one entry ``{"step", "loss", METRIC}`` per evaluation of
+        the test split (every ``eval_every`` steps and after the last step;
+        ``step`` counts the updates made); ``final`` the last step's numbers:
+        ``metric``, ``value`` and ``loss`` on the test split (reported),
+        ``val_value`` and ``val_loss`` on the val split (selection), and
+        ``diverged``; ``trust_ratios`` is
         ``{"source", "values": {watched name: {param name: [float per step]}}}``.
         Non-finite numbers are stored as ``None``. A run whose training
         loss becomes non-finite stops there and is marked ``diverged``.
@@ -372,7 +412,10 @@ def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
         check_threads(threads)
     task = get_task(task) if isinstance(task, str) else task
     spec = resolve_spec(spec)
-    plan = plan_run(task, spec, **options)
+    if plan is None:
+        plan = plan_run(task, spec, **options)
+    elif options:
+        raise ValueError(f"give a plan or run options, not both ({', '.join(options)})")
     run_spec, trust_note = with_trust_watch(spec) if trust_watch else (spec, None)
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -389,7 +432,7 @@ def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
 def _loop(task: Task, spec: Spec, run_spec: Spec, plan: RunPlan, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    data = task.data()
+    task.data()
     torch.manual_seed(plan.seed)
     model = task.build_model()
     model.train()
@@ -399,8 +442,12 @@ def _loop(task: Task, spec: Spec, run_spec: Spec, plan: RunPlan, progress: bool)
         opt, lambda s: lr_factor(s, plan.warmup_steps, plan.total_steps))
     losses: list[float | None] = []
     lrs: list[float] = []
-    val: list[dict] = []
+    evals: list[dict] = []
     diverged = False
+
+    def evaluate(which: str) -> dict:
+        return {k: _round(v) for k, v in task.evaluate_split(model, which).items()}
+
     t0 = time.perf_counter()
     bar = tqdm(total=plan.total_steps, disable=not progress, unit="step", file=sys.stderr,
                desc=f"{plan.task} {plan.label} b{plan.batch_size}", leave=False)
@@ -423,22 +470,22 @@ def _loop(task: Task, spec: Spec, run_spec: Spec, plan: RunPlan, progress: bool)
                 bar.update(1)
                 if len(losses) % 10 == 0:
                     bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-            if diverged:
-                break
-            ev = task.evaluate(model, data)
-            val.append({"epoch": epoch + 1, "step": len(losses),
-                        **{k: _round(v) for k, v in ev.items()}})
-            if len(losses) == plan.total_steps:
+                if len(losses) % plan.eval_every == 0 or len(losses) == plan.total_steps:
+                    evals.append({"step": len(losses), **evaluate("test")})
+            if diverged or len(losses) == plan.total_steps:
                 break
     finally:
         bar.close()
     train_time = time.perf_counter() - t0
-    if diverged:
-        final = {"loss": None, "metric": task.metric, "value": None, "diverged": True}
+    last = evals[-1] if evals and not diverged else None
+    if last is None or last["loss"] is None:
+        final = {"loss": None, "metric": task.metric, "value": None, "val_loss": None,
+                 "val_value": None, "diverged": True}
     else:
-        last = val[-1]
+        val = evaluate("val")
         final = {"loss": last["loss"], "metric": task.metric, "value": last[task.metric],
-                 "diverged": last["loss"] is None}
+                 "val_loss": val["loss"], "val_value": val[task.metric],
+                 "diverged": val["loss"] is None}
     trust = {name: {p: [_round(x) for x in xs] for p, xs in per.items()}
              for name, per in opt.watched.items()}
     return {
@@ -451,7 +498,7 @@ def _loop(task: Task, spec: Spec, run_spec: Spec, plan: RunPlan, progress: bool)
         "steps": len(losses) - (1 if diverged else 0),
         "loss": losses,
         "lr": lrs,
-        "val": val,
+        "evals": evals,
         "final": final,
         "trust_ratios": {"source": None, "values": trust},
         "train_time_s": round(train_time, 3),

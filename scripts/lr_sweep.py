@@ -7,7 +7,9 @@ How the tuned base LRs in ``layerwise/tasks/*.py`` were chosen
 
 Every LR runs for the task's ablation epochs at its ``base_batch_size``
 (where the LR rule's factor is 1), in worker processes like ``layerwise
-ablate``; the table lists the validation metric of each.
+ablate``; the table lists the metric of each on the val (selection) and test
+(reported) splits. ``layerwise ablate --protocol tuned`` does the same per
+batch size and chooses on the val split.
 """
 import argparse
 
@@ -29,11 +31,12 @@ def main() -> None:
                 for o in args.optimizer for lr in args.lr]
     rows = run_ablation(args.out, variants, tasks=[task.name],
                         batch_sizes=[task.base_batch_size], jobs=args.jobs)
-    print(f"| optimizer | lr | {task.metric} | val loss |\n| --- | --- | --- | --- |")
+    print(f"| optimizer | lr | val {task.metric} | test {task.metric} |\n"
+          "| --- | --- | --- | --- |")
     for r in rows:
-        value = "diverged" if r["value"] is None else f"{r['value']:.4f}"
-        loss = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
-        print(f"| {r['program']} | {r['lr']:g} | {value} | {loss} |")
+        val = "diverged" if r["val_value"] is None else f"{r['val_value']:.4f}"
+        test = "diverged" if r["value"] is None else f"{r['value']:.4f}"
+        print(f"| {r['program']} | {r['lr']:g} | {val} | {test} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""layerwise.ablate: variants (--phi, --adapt), the grid, results.csv / results.md and plots."""
+"""layerwise.ablate: variants (--phi, --adapt), the grid, results.csv / results.md and plots.
+
+Seeds, protocols, steps to target, reuse, --plan and report: tests/test_ablate_protocols.py.
+"""
 from __future__ import annotations
 
 import csv
@@ -9,7 +12,7 @@ import torch
 
 import layerwise as lw
 from layerwise.ablate import (adapt_spec, defines, make_adaptations, make_variants,
-                              markdown_table, plot_metric_vs_batch, run_ablation)
+                              run_ablation)
 from layerwise.cli import main
 
 pytest.importorskip("sklearn")
@@ -63,7 +66,7 @@ def test_grid_writes_every_cell(tmp_path):
     assert lr[("lamb", 32)] == pytest.approx(2 * lr[("lamb", 8)])
     assert lr[("lamb[phi=min(z, 1)]", 32)] == lr[("lamb", 32)]
     md = (tmp_path / "results.md").read_text()
-    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    lines = [l for l in md.split("####")[0].splitlines() if l.startswith("| ")]
     assert lines[0].startswith("| optimizer | LR rule | base LR | B=8 (2 steps) | B=32 (2 steps)")
     body = lines[2:]
     assert [l.split(" | ")[0][2:] for l in body] == labels
@@ -72,27 +75,6 @@ def test_grid_writes_every_cell(tmp_path):
         assert len(cells) == 3 + len(sizes) and all(cells)
     for name in ("metric_vs_batch.png", "trust_ratios_digits.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
-
-
-def test_markdown_marks_best_and_divergence():
-    def row(opt, b, value, loss):
-        return {"task": "charlm", "optimizer": opt, "program": opt, "batch_size": b, "epochs": 1,
-                "steps": 100 // b, "lr": 1e-3, "base_lr": 1e-3, "lr_rule": "sqrt",
-                "warmup_steps": 1, "metric": "bits_per_byte", "value": value, "val_loss": loss,
-                "diverged": value is None, "train_time_s": 1.0, "record": "x.json"}
-    rows = [row("lamb", 4, 3.0, 2.08), row("lamb", 8, 3.5, 2.4),
-            row("adamw", 4, 3.2, 2.2), row("adamw", 8, None, None)]
-    md = markdown_table(rows)
-    assert "| lamb | sqrt | 0.001 | **3.000 (2.080)** | **3.500 (2.400)** |" in md
-    assert "| adamw | sqrt | 0.001 | 3.200 (2.200) | diverged |" in md
-    assert "lower is better" in md
-
-
-def test_plot_skips_diverged(tmp_path):
-    rows = [{"task": "digits", "optimizer": "sgd", "batch_size": b, "epochs": 1,
-             "metric": "accuracy", "value": v} for b, v in ((8, 0.5), (16, None))]
-    plot_metric_vs_batch(rows, tmp_path / "m.png")
-    assert (tmp_path / "m.png").read_bytes()[:8] == PNG
 
 
 # ---------------------------------------------------------------- the adaptation axis (--adapt)
@@ -163,7 +145,8 @@ def test_grid_with_adaptation_axis(tmp_path, capsys):
     assert "adaptation" not in plain_md
     assert {r["adaptation"] for r in plain} == {"none"}
     before = {r["record"]: json.loads((tmp_path / r["record"]).read_text()) for r in plain}
-    assert set(before) == {f"runs/digits_{o}_b{b}.json" for o in ("adamw", "sgd") for b in sizes}
+    assert {r.rsplit("_", 1)[0] for r in before} == {
+        f"runs/digits_{o}_b{b}_s0" for o in ("adamw", "sgd") for b in sizes}
 
     code = main(["ablate", "--task", "digits", "--optimizer", "adamw", "sgd", "--adapt", "none",
                  "trust", "--batch-size", "8", "32", "--max-steps", "3", "--jobs", "1",
@@ -171,6 +154,7 @@ def test_grid_with_adaptation_axis(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "8 runs; wrote" in out
+    assert "reusing 4 of 8 records" not in err       # --quiet
     with open(tmp_path / "results.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     cells = [(r["optimizer"], r["adaptation"], int(r["batch_size"])) for r in table]
@@ -181,7 +165,9 @@ def test_grid_with_adaptation_axis(tmp_path, capsys):
         record = json.loads((tmp_path / r["record"]).read_text())
         records[(r["optimizer"], r["adaptation"], int(r["batch_size"]))] = record
         name = r["optimizer"] if r["adaptation"] == "none" else f"{r['optimizer']}+trust"
-        assert r["record"] == f"runs/digits_{name}_b{r['batch_size']}.json"
+        assert r["record"].startswith(f"runs/digits_{name}_b{r['batch_size']}_s0_")
+        if r["adaptation"] == "none":               # the grid without --adapt wrote it
+            assert r["record"] in before
         assert record["config"]["label"] == name and record["optimizer"]["name"] == r["program"]
         assert int(r["steps"]) == 3 and r["diverged"] == "False"
         if r["adaptation"] == "none":
@@ -205,29 +191,13 @@ def test_grid_with_adaptation_axis(tmp_path, capsys):
             assert not any(none["trust_ratios"]["values"].values())
     md = (tmp_path / "results.md").read_text()
     assert md in out
-    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    lines = [l for l in md.split("####")[0].splitlines() if l.startswith("| ")]
     assert lines[0].startswith("| optimizer | adaptation | LR rule | base LR | B=8 (3 steps) |")
     assert [tuple(c.strip() for c in l.strip("|").split("|")[:3]) for l in lines[2:]] == [
         ("adamw", "none", "sqrt"), ("adamw", "trust", "sqrt"),
         ("sgd", "none", "linear"), ("sgd", "trust", "linear")]
     for name in ("metric_vs_batch.png", "trust_ratios_digits.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
-
-
-def test_tables_of_rows_without_adaptation_still_load():
-    """Rows written before the adaptation axis (no 'adaptation' key) count as 'none'."""
-    def row(opt, b, value, **extra):
-        return {"task": "digits", "optimizer": opt, "program": opt, "batch_size": b,
-                "epochs": 1, "steps": 3, "lr": 0.1, "base_lr": 0.1, "lr_rule": "linear",
-                "warmup_steps": 1, "metric": "accuracy", "value": value, "val_loss": 1.0,
-                "diverged": False, "train_time_s": 1.0, "record": "x.json", **extra}
-    old = [row("sgd", 8, 0.5), row("sgd", 16, 0.6)]
-    assert markdown_table(old) == markdown_table([dict(r, adaptation="none") for r in old])
-    mixed = old + [row("sgd", 8, 0.7, adaptation="trust"), row("sgd", 16, 0.4,
-                                                               adaptation="trust")]
-    md = markdown_table(mixed)
-    assert "| sgd | none | linear | 0.1 | 50.0 (1.000) | **60.0 (1.000)** |" in md
-    assert "| sgd | trust | linear | 0.1 | **70.0 (1.000)** | 40.0 (1.000) |" in md
 
 
 # an optimizer without an lr: no adaptation can be applied to it

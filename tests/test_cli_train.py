@@ -112,7 +112,7 @@ def test_ablate_in_worker_processes(tmp_path):
          "--out", str(out)], capture_output=True, text=True, timeout=300,
         cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr
-    assert "### digits: validation accuracy" in proc.stdout
+    assert "### digits: test accuracy, % (higher is better)" in proc.stdout
     assert "| lamb | sqrt |" in proc.stdout and "| adamw | sqrt |" in proc.stdout
     assert "4 runs; wrote" in proc.stdout
     assert len(list((out / "runs").glob("*.json"))) == 4

@@ -4,6 +4,7 @@ destination is checked before training; records are written atomically and an
 earlier run's records are never changed."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 import layerwise as lw
 import layerwise.ablate as ablate_mod
+from layerwise.ablate import make_variants, plan_grid
 from layerwise import cli
 import layerwise.train as train_mod
 from layerwise.cli import main
@@ -340,9 +342,8 @@ ABLATE_BAD = {
                                 "layerwise: error: --out {grid2}: results.csv exists and is "
                                 "not a regular file"),
     "not a record": (["--out", "{grid3}"],
-                     "layerwise: error: --out {grid3}: runs/digits_lamb_b8.json is an earlier "
-                     "run of digits lamb b8 with another configuration (it is not a run record "
-                     "(not readable JSON)); give another --out, or move it away"),
+                     "layerwise: error: --out {grid3}: {rel} is not the record of digits lamb "
+                     "b8 seed 0 (it is not a run record (not readable JSON)); move it away"),
 }
 
 
@@ -354,11 +355,13 @@ def test_ablate_bad_input_before_training(case, capsys, monkeypatch, tmp_path):
     (tmp_path / "grid" / "runs").write_text("a file\n")
     (tmp_path / "grid2" / "results.csv").mkdir(parents=True)
     (tmp_path / "grid3" / "runs").mkdir(parents=True)
-    (tmp_path / "grid3" / "runs" / "digits_lamb_b8.json").write_text("{half a rec")
+    rel = plan_grid(tmp_path / "grid3", make_variants(["lamb"]), tasks=["digits"],
+                    batch_sizes=[8], max_steps=1)[0].rel      # where the run's record goes
+    (tmp_path / "grid3" / rel).write_text("{half a rec")
     def fill(a: str) -> str:
         for name in ("grid3", "grid2", "grid"):
             a = a.replace("{" + name + "}", str(tmp_path / name))
-        return a.replace("{notes}", str(notes))
+        return a.replace("{notes}", str(notes)).replace("{rel}", rel)
     args, message = ABLATE_BAD[case]
     args = [fill(a) for a in args]
     if "--out" not in args:
@@ -380,51 +383,51 @@ def test_ablate_never_changes_an_earlier_grid(capsys, tmp_path):
     out = tmp_path / "grid"
     code, stdout, err = _ablate(capsys, out, "sgd")
     assert code == 0, err
-    assert (out / "runs" / "digits_sgd_b8.json").is_file()
-    before = snapshot(tmp_path)
-    # the same cell with another configuration
+    (first,) = (out / "runs").iterdir()
+    assert first.name.startswith("digits_sgd_b8_s0_")
+    before = first.read_bytes()
+    # the same cell with another configuration is another run: a record of its own
     code, stdout, err = _ablate(capsys, out, "sgd", steps=2)
-    assert code == 2 and stdout == ""
-    assert one_line(err) == (
-        f"layerwise: error: --out {out}: runs/digits_sgd_b8.json is an earlier run of digits "
-        "sgd b8 with another configuration (its total_steps is 1, this grid's 2); give "
-        "another --out, or move it away")
-    assert snapshot(tmp_path) == before
-    # another grid (its cells do not include the earlier one)
+    assert code == 0, err
+    # another grid in the same folder: its runs are added, the earlier ones kept
     code, stdout, err = _ablate(capsys, out, "adamw")
-    assert code == 2 and stdout == ""
-    assert one_line(err) == (
-        f"layerwise: error: --out {out}: it holds records of another grid "
-        "(runs/digits_sgd_b8.json is not a cell of this one); give another --out, or move "
-        "them away")
-    assert snapshot(tmp_path) == before
+    assert code == 0, err
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(names) == 3 and first.name in names
+    assert first.read_bytes() == before
+    # the tables are this grid's (adamw only); 'report' shows every record in the folder
+    assert [r["optimizer"] for r in csv.DictReader((out / "results.csv").open())] == ["adamw"]
+    code, stdout, err = run(capsys, "report", out)
+    assert code == 0, err
+    assert "| sgd |" in stdout and "| adamw |" in stdout
+    assert first.read_bytes() == before
 
 
 def test_ablate_failed_cell_keeps_records_and_resumes(capsys, monkeypatch, tmp_path):
     out = tmp_path / "grid"
     code, _, err = _ablate(capsys, out, "sgd")
     assert code == 0, err
-    sgd = out / "runs" / "digits_sgd_b8.json"
+    (sgd,) = (out / "runs").iterdir()
     earlier = snapshot(tmp_path)
     # a larger grid into the same folder; its new cell fails while training
     real_train = ablate_mod.train
     calls = []
 
     def failing(task, spec, **kw):
-        calls.append(kw["label"])
+        calls.append(kw["plan"].label)
         raise RuntimeError("boom\nsecond line")
     monkeypatch.setattr(ablate_mod, "train", failing)
     code, stdout, err = _ablate(capsys, out, "sgd", "adamw")
     assert calls == ["adamw"]                     # sgd's record is reused, not re-run
     assert code == 2 and stdout == ""
     assert one_line(err) == (
-        "layerwise: error: digits adamw b8 failed (RuntimeError: boom); the grid stopped; "
+        "layerwise: error: digits adamw b8 seed 0 failed (RuntimeError: boom); the grid stopped; "
         f"1 of 2 records are in {out / 'runs'} and are reused when the same command runs "
         "again")
     assert snapshot(tmp_path) == earlier          # results and records as they were
     # the same command again: only the missing cell runs; the earlier record is untouched
     monkeypatch.setattr(ablate_mod, "train", lambda task, spec, **kw: (
-        calls.append(kw["label"]), real_train(task, spec, **kw))[1])
+        calls.append(kw["plan"].label), real_train(task, spec, **kw))[1])
     code, stdout, err = _ablate(capsys, out, "sgd", "adamw")
     assert code == 0, err
     assert calls == ["adamw", "adamw"]

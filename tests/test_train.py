@@ -32,7 +32,7 @@ def tasks():
 def test_record_fields(tasks, task_name, optimizer, tmp_path):
     task = tasks[task_name]
     rec = train(task, optimizer, batch_size=8, max_steps=STEPS, progress=False)
-    assert set(rec) >= {"task", "optimizer", "config", "steps", "loss", "lr", "val", "final",
+    assert set(rec) >= {"task", "optimizer", "config", "steps", "loss", "lr", "evals", "final",
                         "trust_ratios", "wall_time_s", "train_time_s", "versions"}
     assert rec["task"]["name"] == task_name and rec["task"]["n_train"] == task.data().n_train
     cfg = rec["config"]
@@ -46,10 +46,15 @@ def test_record_fields(tasks, task_name, optimizer, tmp_path):
     # the LR follows the schedule: warm-up of 1 step (10% of 3, rounded up), then decay
     assert rec["lr"] == pytest.approx([cfg["lr"] * lr_factor(s, cfg["warmup_steps"], STEPS)
                                        for s in range(STEPS)], rel=1e-5)
-    assert rec["val"] and rec["val"][-1]["step"] == STEPS
+    # evaluations of the test split every eval_every steps and at the end
+    assert cfg["eval_every"] == 1
+    assert [e["step"] for e in rec["evals"]] == list(range(1, STEPS + 1))
     final = rec["final"]
     assert final["metric"] == task.metric and final["diverged"] is False
-    assert final["value"] == rec["val"][-1][task.metric]
+    assert final["value"] == rec["evals"][-1][task.metric]
+    assert final["loss"] == rec["evals"][-1]["loss"]
+    # the val split is another split: its numbers differ from the test split's
+    assert math.isfinite(final["val_value"]) and final["val_loss"] != final["loss"]
     assert rec["wall_time_s"] > 0
     trust = rec["trust_ratios"]
     names = [n for n, _ in task.build_model().named_parameters()]
