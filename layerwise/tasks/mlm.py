@@ -44,8 +44,9 @@ reaches 37-40% test masked accuracy with every tuned optimizer
 (``docs/lr_sweep.md``), a plateau that all of them reach early.
 The default run (batch 16, 10 epochs, 2,040 steps, about 20 s) reaches
 51.4% (adamw, which leaves the plateau after about 5 epochs), 42.9%
-(lamb), 41.8% (sgd) and 39.3% (lars) at seed 0; the target, 42%, lies
-above the plateau.
+(lamb), 41.8% (sgd) and 39.3% (lars) at seed 0. The steps-to-target
+target, 35%, is well above guessing spaces and just below the plateau, so it
+measures how fast a run gets there within the ablation's budget.
 """
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ class MLM(Task):
     metric_title = "masked accuracy, %"
     metric_percent = True
     higher_is_better = True
-    target = 0.42
+    target = 0.35
     default_batch_size = 16
     default_epochs = 10
     ablate_batch_sizes = (16, 64, 256)
