@@ -58,7 +58,8 @@ def _adaptation_spec(adaptation) -> Spec:
 
 def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool | None = None,
           compile: bool | None = None, record: str | tuple[str, int] | None = None,
-          watch: tuple[str, ...] | list[str] = (), **hypers: float) -> torch.optim.Optimizer:
+          watch: tuple[str, ...] | list[str] = (), precision: str | None = None,
+          rounding_seed: int | None = None, **hypers: float) -> torch.optim.Optimizer:
     """``base`` with ``adaptation`` applied to its update (see the module docstring).
 
     Args:
@@ -82,6 +83,15 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
     sees its update.
         watch: more names of the adaptation to record (a local or a def its
             step calls once, e.g. ``["ratio"]`` of ``trust``).
+        precision, rounding_seed: what the step does with bfloat16 and
+            float16 parameters, as ``lw.Optimizer``'s ``precision``
+            (``"master"``, ``"stochastic"``, ``"nearest"``) and
+            ``rounding_seed`` (default: the base's if it is an
+            ``lw.Optimizer``, else ``"master"`` and 0). For a torch base
+            they apply to the adaptation, which writes the parameters: its
+            master copy (``"master"``) is in ``state`` as ``adapt_master``;
+            the base's own update is still computed and rounded by the base
+            on the 16-bit parameters.
         **hypers: values of the adaptation's hypers (added to every param
             group that does not have them).
 
@@ -89,10 +99,16 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
         ValueError: ``adaptation`` is not an adaptation, it clashes with the
             base program (a hyper or state of both; a watched local of both is
             kept, the adaptation's renamed ``adapt_NAME``), or an
-            ``lw.Optimizer`` base has already stepped, or a ``record`` that
-            is not one of the policies.
+            ``lw.Optimizer`` base has already stepped, a ``record`` that
+            is not one of the policies, or a bad ``precision`` or
+            ``rounding_seed`` (as ``lw.Optimizer``), before anything changes.
         SpecError: the adaptation does not check.
     """
+    from .runtime.precision import check_precision, check_seed
+    if precision is not None:
+        check_precision(precision)
+    if rounding_seed is not None:
+        check_seed(rounding_seed)
     ad = _adaptation_spec(adaptation)
     if watch:
         ad = ad.watching(*watch)
@@ -110,10 +126,16 @@ def adapt(base: torch.optim.Optimizer, adaptation: Spec | str, *, linear: bool |
                 g.setdefault(k, v)
         return Optimizer(groups, spec, compile=base._runner.compiled if compile is None
                          else compile, record=base.record if record is None else record,
-                         nonfinite=base.nonfinite)
+                         nonfinite=base.nonfinite,
+                         precision=base.precision if precision is None else precision,
+                         rounding_seed=base.rounding_seed if rounding_seed is None
+                         else rounding_seed)
     return AdaptedOptimizer(base, ad, linear=isinstance(base, LINEAR_IN_LR) if linear is None
                             else linear, compile=True if compile is None else compile,
-                            record="latest" if record is None else record, **hypers)
+                            record="latest" if record is None else record,
+                            precision="master" if precision is None else precision,
+                            rounding_seed=0 if rounding_seed is None else rounding_seed,
+                            **hypers)
 
 
 class AdaptedOptimizer(torch.optim.Optimizer):
@@ -126,7 +148,8 @@ class AdaptedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, base: torch.optim.Optimizer, adaptation: Spec, linear: bool,
-                 compile: bool, record: str | tuple[str, int] = "latest", **hypers: float):
+                 compile: bool, record: str | tuple[str, int] = "latest",
+                 precision: str = "master", rounding_seed: int = 0, **hypers: float):
         self.base = base
         self.linear = linear
         for g in base.param_groups:
@@ -137,7 +160,8 @@ class AdaptedOptimizer(torch.optim.Optimizer):
         groups = [{"params": g["params"], "lr": float(g["lr"]),
                    **{k: g[k] for k in defaults if k in g}} for g in base.param_groups]
         self.inner = Optimizer(groups, adaptation, compile=compile, _adaptation=True,
-                               record=record, **defaults)
+                               record=record, precision=precision,
+                               rounding_seed=rounding_seed, **defaults)
         for g, mine in zip(base.param_groups, self.inner.param_groups):
             for k in defaults:
                 g.setdefault(k, mine[k])

@@ -22,6 +22,7 @@ from .rules import ParamInfo, hyper_values, matching_rules, param_info, row_bloc
 from .runtime.buckets import BucketSet
 from .runtime.distributed import Combiner
 from .runtime.layout import compute_dtype, unit_shape
+from .runtime import precision as _precision
 from .runtime.runner import Runner, any_nonfinite, runner_for
 from .runtime.validate import check_param, check_state_entry
 from .spec import Spec, load
@@ -183,6 +184,43 @@ class Optimizer(torch.optim.Optimizer):
             sharded parameters with one ``all_reduce`` (MAX) per step, so
             every rank skips the same steps. Any other value is a
             ``ValueError``.
+        precision: what a step does with bfloat16 and float16 parameters,
+            whose update is computed in float32 (docs/mixed-precision.md;
+            float32 and float64 parameters are not affected):
+
+            * ``"master"`` (default): each 16-bit parameter has a float32
+              master copy, ``state[p]["master"]`` (shaped and laid out like
+              ``p``, a DTensor sharded like it under FSDP2); the step reads
+              and updates the master and rounds it to nearest into ``p``,
+              so the update is exactly the float32 update (Micikevicius et
+              al. 2018, arXiv:1710.03740). Costs 4 bytes per parameter
+              element. The master is saved by ``state_dict`` and restored by
+              ``load_state_dict`` bit for bit; a state loaded without one
+              (saved under another precision) gets it from ``p``. It
+              follows ``p`` when you change ``p``: a parameter replaced
+              (``p.data = ...``) or changed in place (``model.
+              load_state_dict``, ``p.copy_``) that is no longer its master
+              rounded to nearest gets its master set from its new value at
+              the next step.
+            * ``"stochastic"``: the float32 result is rounded stochastically
+              into ``p`` (up with probability equal to the rounded-off
+              fraction; unbiased, Gupta et al. 2015, arXiv:1502.02551). The
+              random bits are a hash of ``rounding_seed``, the parameter's
+              position in the optimizer, its ``step`` and each element's
+              index in the parameter (its global index under FSDP2): a
+              resumed run (same seed, from ``state_dict``) rounds as the
+              uninterrupted one, eager and compiled steps round alike, and
+              bucketing and sharding do not change the bits. No memory cost.
+            * ``"nearest"``: round to nearest even (no memory cost; most
+              updates smaller than half a bfloat16 spacing, 2^-9 relative,
+              are lost).
+
+            Anything else is a ``ValueError``.
+        rounding_seed: the seed of ``"stochastic"``'s random bits, a whole
+            number in ``[0, 2**63)`` (default 0; give runs that should
+            round differently different seeds). Saved in ``state_dict``
+            (key ``"rounding_seed"``, under ``"stochastic"``) and restored by
+            ``load_state_dict``. Not used by the other precisions.
         **hypers: defaults for the program's hyperparameters (``lr=2e-3``);
             ``betas=(beta1, beta2)`` too if it has ``beta1`` and ``beta2``.
 
@@ -213,7 +251,8 @@ class Optimizer(torch.optim.Optimizer):
     program ``state``: shaped and laid out like the parameter (elem) or 0-d
     (layer), in float32 for bfloat16/float16 parameters, otherwise in the
     parameter's dtype; elem states of DTensor parameters are DTensors laid
-    out like them. They are views of the runtime's flat buffers
+    out like them; under ``precision="master"``, for bfloat16/float16
+    parameters, ``"master"`` (float32, laid out like the parameter). They are views of the runtime's flat buffers
     (``layerwise.runtime.layout``, which also says what the optimizer does
     to parameters and gradients: it may make them views of its buffers, with
     the same values).
@@ -249,15 +288,21 @@ class Optimizer(torch.optim.Optimizer):
         ValueError: unknown hyper names (the message lists the known ones),
             a hyper value outside its range, a rule that tests names when
             the parameters have none, an unsupported parameter, or a
-            ``record`` that is not one of the policies, or a ``nonfinite``
-            other than ``"none"`` and ``"skip"``.
+            ``record`` that is not one of the policies, a ``nonfinite``
+            other than ``"none"`` and ``"skip"``, a ``precision`` other than
+            ``"master"``, ``"stochastic"`` and ``"nearest"`` (or
+            ``"master"`` for a program with a state named ``master``), or a
+            ``rounding_seed`` that is not a whole number in ``[0, 2**63)``.
         SpecError: if ``spec`` names a program that does not check.
     """
 
     def __init__(self, params: Iterable, spec: Spec | str = "lamb", compile: bool = True,
                  *, record: str | tuple[str, int] = "latest", watch: Sequence[str] = (),
                  names_from: torch.nn.Module | None = None, nonfinite: str = "none",
+                 precision: str = "master", rounding_seed: int = 0,
                  _adaptation: bool = False, **hypers: float):
+        self._precision = _precision.check_precision(precision)
+        self._rounding_seed = _precision.check_seed(rounding_seed)
         if not (isinstance(nonfinite, str) and nonfinite in NONFINITE):
             raise ValueError(f"nonfinite={nonfinite!r} is not a policy for non-finite gradients: "
                              f"use \"none\" (update as computed, the default) or \"skip\" (skip "
@@ -277,6 +322,11 @@ class Optimizer(torch.optim.Optimizer):
         self.program = self.spec.program
         self._runner: Runner = runner_for(self.program, bool(compile))
         lowered = self._runner.lowered
+        if precision == "master" and "master" in lowered.state_names:
+            raise ValueError(f"precision='master' keeps a float32 master copy as "
+                             f"state['master'], but program '{self.program.name}' has a state "
+                             f"named 'master': rename it, or use precision='stochastic' or "
+                             f"'nearest'")
         if self.program.kind == "adaptation" and not _adaptation:
             raise ValueError(f"'{self.program.name}' is an adaptation, not an optimizer: apply "
                              f"it to one with lw.adapt(optimizer, '{self.program.name}'), or "
@@ -284,7 +334,7 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets = BucketSet(lowered.state_names, lowered.state_kinds,
                                   self.program.hyper_names, self._runner.chunk,
                                   ("u",) if self.program.kind == "adaptation" else (),
-                                  lowered.units)
+                                  lowered.units, self._precision)
         self._rules: list[list[ParamRules]] = []
         self._hyper_cache: tuple[tuple, dict] = ((), {})
         self._watched: dict[str, dict[str, list[float]]] = {n: {} for n in self.program.watches}
@@ -631,6 +681,10 @@ class Optimizer(torch.optim.Optimizer):
                 b.T.masked_fill_(m, 0)
         t_now = [b.T + 1 for b in buckets]
         envs = [self._env(b, t) for b, t in zip(buckets, t_now)]
+        for b, t in zip(buckets, t_now):
+            if b.precision == "stochastic":
+                key = _precision.segment_keys(_precision.seed_key(self._rounding_seed), b.PID, t)
+                b.round_key = key[b.seg].unsqueeze(1)
         actives = [b.active for b in buckets]
         acts = None
         if self._nonfinite == "skip":
@@ -741,7 +795,11 @@ class Optimizer(torch.optim.Optimizer):
         kinds = dict(zip(lowered.state_names, lowered.state_kinds))
         rows, cols = unit_shape(p.shape, rules.row_block)
         expected = {"step", *kinds}
-        unknown = sorted(set(entries) - expected)
+        # the master copy of precision "master": optional (made from p when
+        # missing), and not used by other precisions or parameter dtypes
+        if "master" not in kinds:
+            kinds["master"] = "elem"
+        unknown = sorted(set(entries) - expected - {"master"})
         missing = sorted(expected - set(entries))
         if unknown or missing:
             raise ValueError(f"the state of parameter {where} has "
@@ -803,12 +861,26 @@ class Optimizer(torch.optim.Optimizer):
         the class docstring)."""
         return self._nonfinite
 
+    @property
+    def precision(self) -> str:
+        """What a step does with 16-bit parameters: ``"master"``,
+        ``"stochastic"`` or ``"nearest"`` (see the class docstring)."""
+        return self._precision
+
+    @property
+    def rounding_seed(self) -> int:
+        """The seed of ``precision="stochastic"``'s random bits."""
+        return self._rounding_seed
+
     def state_dict(self) -> dict[str, Any]:
         """The state dict (torch semantics), after making ``betas`` and ``beta1``
         / ``beta2`` agree in every group as a step would. Under
         ``nonfinite="skip"`` it also holds ``"skipped_steps"`` (a 0-d int64
-        tensor, a copy of :attr:`skipped_steps`); otherwise it has only
-        torch's keys, ``"state"`` and ``"param_groups"``.
+        tensor, a copy of :attr:`skipped_steps`), under
+        ``precision="stochastic"`` ``"rounding_seed"`` (an int); otherwise it
+        has only torch's keys, ``"state"`` and ``"param_groups"``. Under
+        ``precision="master"`` the state of a 16-bit parameter holds its
+        float32 master copy, ``"master"``.
 
         Raises:
             ValueError: both forms changed since the last step and disagree.
@@ -817,6 +889,8 @@ class Optimizer(torch.optim.Optimizer):
         out = super().state_dict()
         if self._nonfinite == "skip":
             out["skipped_steps"] = self.skipped_steps.clone()
+        if self._precision == "stochastic":
+            out["rounding_seed"] = self._rounding_seed
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -839,13 +913,19 @@ class Optimizer(torch.optim.Optimizer):
         NumPy arrays and scalars among the state values are converted to
         tensors (copies; torch's own ``load_state_dict`` would fail on them).
         A ``"skipped_steps"`` entry (see :attr:`skipped_steps`) is restored;
-        without one the count starts at 0.
+        without one the count starts at 0. A ``"rounding_seed"`` entry
+        becomes :attr:`rounding_seed` (without one it stays as it is). A
+        parameter's ``"master"`` (``precision="master"``) is optional: when
+        it is missing the master is made from the parameter at the next step;
+        it is not used under other precisions or for float32 and float64
+        parameters.
 
         Raises:
             ValueError: naming the parameter and the key that does not fit,
                 a state dict that is not a dict with ``state`` and
                 ``param_groups``, or a ``skipped_steps`` that is not a whole
-                number >= 0; nothing is changed then.
+                number >= 0, or a ``rounding_seed`` that is not a whole number
+                in ``[0, 2**63)``; nothing is changed then.
         """
         if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
                 and isinstance(state_dict.get("param_groups"), (list, tuple))
@@ -880,6 +960,10 @@ class Optimizer(torch.optim.Optimizer):
         if count is None or not (math.isfinite(count) and count >= 0 and count == int(count)):
             raise ValueError(f"skipped_steps of the state dict is {skipped!r}; it must be a whole "
                              f"number >= 0 (a number or a one-element tensor)")
+        seed = self._rounding_seed
+        if "rounding_seed" in state_dict:
+            seed = _precision.check_seed(state_dict["rounding_seed"],
+                                         "rounding_seed of the state dict")
         state_dict = {**state_dict, "state": state}
         for gi, group in enumerate(state_dict["param_groups"]):
             missing = [k for k in self.program.hyper_names if k not in group]
@@ -897,6 +981,7 @@ class Optimizer(torch.optim.Optimizer):
         self.watched = {n: {} for n in self.program.watches}
         self._steps = _largest_step(state_dict["state"].values())
         self.skipped_steps.fill_(int(count))
+        self._rounding_seed = seed
         for sid, p in zip(saved, mine):
             entry = state_dict["state"].get(sid)
             if not entry:

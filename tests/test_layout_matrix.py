@@ -19,7 +19,9 @@ tensor comes every step. After four steps every parameter, every state and
   parameter rounded to bfloat16 after every step (what the runtime does:
   float32 state and arithmetic, the result rounded to the parameter's
   dtype), <= 1e-2 (one bfloat16 ulp is 2^-8 relative; a rounding that
-  falls the other way gives one ulp; a wrong element moves by O(1));
+  falls the other way gives one ulp; a wrong element moves by O(1)), with
+  ``precision="nearest"`` (the default ``"master"`` is checked against
+  float32 in tests/test_mixed_precision.py);
 * compiled against eager: float64 <= 1e-12, float32 <= 1e-5, bfloat16 <=
   1e-2 (inductor contracts multiply-adds, so float32 rounding differs, and a
   bfloat16 rounding may fall the other way);
@@ -147,7 +149,10 @@ def _run_layerwise(preset: str, dtype: torch.dtype, compile: bool):
     start = {n: p.detach().clone() for n, p in named}
     keep_start = {n: k.clone() for n, _, k in layouts if k is not None}
     grads = _grads({n: tuple(p.shape) for n, p in named}, dtype, seed=2)
-    opt = lw.Optimizer(named, preset, compile=compile, record=("every", 1), **HYPERS[preset])
+    # 16-bit parameters: round to nearest after every step, as the references do
+    # (precision="master" against float32: tests/test_mixed_precision.py)
+    opt = lw.Optimizer(named, preset, compile=compile, record=("every", 1),
+                       **({"precision": "nearest"} if dtype in HALF else {}), **HYPERS[preset])
     for step in grads:
         for n, p in named:
             p.grad = step[n]

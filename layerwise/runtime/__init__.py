@@ -8,6 +8,7 @@
 ``runner``     a procedure over all buckets, level by level
 ``distributed`` FSDP2 shards: partials combined with one collective per level
 ``validate``   the checks that make a step and a state load atomic
+``precision``  16-bit parameters: master copies, stochastic rounding
 """
 from .layout import CHUNK, compute_dtype
 from .runner import Runner, runner_for

@@ -46,6 +46,7 @@ class Member:
     gi: int
     rules: object
     hypers: tuple
+    pid: int = 0
 
 
 @dataclass
@@ -80,11 +81,19 @@ def bucket_key(p: torch.Tensor, block: int = 1, units: bool = False) -> tuple:
 class BucketSet:
     """The buckets of one optimizer, for a program with the given states (and
     their kinds) and hypers, laid out in chunks of ``chunk`` elements (the
-    runner's) or, with ``units``, one row per chunk (LANGUAGE.md section 10)."""
+    runner's) or, with ``units``, one row per chunk (LANGUAGE.md section 10);
+    ``precision``: what a step does with 16-bit parameters
+    (``layerwise.runtime.precision``). Under ``"master"`` each 16-bit
+    parameter's master copy follows the parameter whenever the user changes
+    it: it is set from the parameter when the parameter joins, when its state
+    is loaded without a master, and, when the parameter was replaced or
+    changed in place (its version counter moved) and no longer is the
+    master rounded to nearest, from the parameter."""
 
     def __init__(self, state_names: tuple[str, ...], state_kinds: tuple[str, ...],
                  hyper_names: tuple[str, ...], chunk: int, inputs: tuple[str, ...] = (),
-                 units: bool = False):
+                 units: bool = False, precision: str = "nearest"):
+        self.precision = precision
         self.state_names, self.state_kinds = state_names, state_kinds
         self.units = units
         self.chunk = chunk
@@ -143,7 +152,7 @@ class BucketSet:
                     if self.units:
                         Bucket.local_rows(p, local(p), name, pr.row_block)
                     scan.joining.append(Member(p, name, shard_group(p, name)
-                                               if is_dtensor(p) else None, gi, pr, hv))
+                                               if is_dtensor(p) else None, gi, pr, hv, flat))
                     scan.active |= g is not None
                     continue
                 b, slot = found
@@ -166,9 +175,12 @@ class BucketSet:
                                          f"its state was made for shape {tuple(slot.param_shape)};"
                                          " give the optimizer a parameter of the same shape")
                     slot.moved = True
+                    slot.recheck = True
                     slot.seen = (lp.data_ptr(), lp.shape, lp.stride(), lp.dtype, lp.device)
                     if (lp.dtype, lp.device) != (b.dtype, b.device):
                         scan.relayout = True
+                elif b.M is not None and local(p)._version != slot.version:
+                    slot.recheck = True          # changed in place (e.g. load_state_dict)
                 if g is not None and g is not slot.g:
                     check_grad(p, g, name_of(gi, pi, flat))
                 entries = state.get(p)
@@ -214,7 +226,10 @@ class BucketSet:
                         self._install(b, slot, state)
                     else:
                         slot.entries, slot.entry_values = entries, []
+                        slot.resync = True       # state cleared: made again from p
                     slot.foreign = False
+                if b.M is not None:
+                    self._sync_master(b, slot)
                 if not active:
                     continue
                 if not slot.entry_values:
@@ -240,8 +255,27 @@ class BucketSet:
                 mask = _to_device(mask, b.device)
                 for i in init:
                     self._install(b, b.slots[i], state)
+            if b.M is not None:
+                self._note_versions(b, b.slots)
             out.append((b, mask))
         return out
+
+    @staticmethod
+    def _sync_master(b: Bucket, slot: Slot) -> None:
+        """Set the slot's master copy from its parameter when it must follow it
+        (see the class docstring)."""
+        if not (slot.resync or slot.recheck) or not slot.numel:
+            slot.resync = slot.recheck = False
+            return
+        master, p = slot.states["master"], local(slot.param)
+        if slot.resync or not torch.equal(master.to(b.dtype), p):
+            master.copy_(p)
+        slot.resync = slot.recheck = False
+
+    @staticmethod
+    def _note_versions(b: Bucket, slots) -> None:
+        for slot in slots:
+            slot.version = local(slot.param)._version
 
     def _relayout(self, scan: Scan, state: dict) -> None:
         """Lay out every member again (joining ones included), keeping each
@@ -249,7 +283,8 @@ class BucketSet:
         adopting what can be adopted."""
         members: dict[tuple, list[tuple[Member, Slot | None]]] = {}
         for _, slot in self.slot_of.values():
-            m = Member(slot.param, slot.name, slot.group, slot.gi, slot.rules, slot.hypers)
+            m = Member(slot.param, slot.name, slot.group, slot.gi, slot.rules, slot.hypers,
+                       slot.pid)
             members.setdefault(self._key(m), []).append((m, slot))
         for m in scan.joining:
             members.setdefault(self._key(m), []).append((m, None))
@@ -258,12 +293,15 @@ class BucketSet:
             chunk = unit_chunk(key[2]) if self.units else self.chunk
             b = Bucket([(m.param, m.name, m.group) for m, _ in items], self.state_names,
                        self.state_kinds, len(self.hyper_names), chunk, self.inputs,
-                       self.units, [m.rules.row_block for m, _ in items])
+                       self.units, [m.rules.row_block for m, _ in items], self.precision,
+                       [m.pid for m, _ in items])
             self.buckets[key] = b
             for slot, (m, old) in zip(b.slots, items):
                 self.slot_of[slot.param] = (b, slot)
                 slot.gi, slot.rules, slot.hypers = m.gi, m.rules, m.hypers
                 slot.stamp = scan.stamp if old is None else old.stamp
+                if old is not None:
+                    slot.recheck = old.recheck or old.moved
                 slot.grad_now = slot.param.grad if old is None else old.grad_now
                 entries = state.get(slot.param)
                 if old is not None and entries and entries is old.entries and \
@@ -280,8 +318,10 @@ class BucketSet:
     def finish(self) -> None:
         """After the step: copy packed parameters back, bump the version of
         adopted ones (as an in-place update would)."""
-        adopted = []
+        adopted, noted = [], []
         for b in self.buckets.values():
+            if b.M is not None:
+                noted.append(b)
             copy_to, copy_from = [], []
             for slot, on in zip(b.slots, b.active_key):
                 if not on:
@@ -296,6 +336,8 @@ class BucketSet:
         if adopted:
             torch._C._autograd._unsafe_set_version_counter(
                 tuple(adopted), tuple(p._version + 1 for p in adopted))
+        for b in noted:
+            self._note_versions(b, [s for s, on in zip(b.slots, b.active_key) if on])
 
     # ------------------------------------------------------------ helpers
     @staticmethod
@@ -312,7 +354,15 @@ class BucketSet:
 
     @staticmethod
     def _copy_state(slot: Slot, entries: dict) -> None:
+        """Copy a state dict's values into the slot's views. A ``"master"`` view
+        without a value in ``entries`` is set from the parameter later
+        (``slot.resync``); a ``"master"`` value without a view (a parameter
+        that is not 16-bit, or another precision) is not used."""
         for k, view in slot.states.items():
+            if k == "master":
+                slot.resync = "master" not in entries
+                if slot.resync:
+                    continue
             value = entries[k]
             if isinstance(value, torch.Tensor):
                 value = local(value)

@@ -62,7 +62,7 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
     def run_pass(elem_in: Sequence[torch.Tensor], dsts: Sequence[torch.Tensor],
                  vec_in: Sequence[torch.Tensor], vec_dsts: Sequence[torch.Tensor],
                  seg: torch.Tensor, valid: torch.Tensor, active: torch.Tensor,
-                 act: torch.Tensor):
+                 act: torch.Tensor, extra: Sequence[torch.Tensor] = ()):
         dtype = vec_in[ref].dtype
         vals = vec_graph(*vec_in)
         bridges = list(vals[:nb])
@@ -76,7 +76,8 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
         if not blocked or seg.device.type != "cpu":
             for i in col_b:
                 bridges[i] = flat_ops.col_gather(bridges[i], seg)
-            outs = elem_graph(*[x.to(dtype) for x in elem_in], *dsts, *bridges, valid, act)
+            outs = elem_graph(*[x.to(dtype) for x in elem_in], *dsts, *bridges, valid, act,
+                              *extra)
             return list(outs[:npart]), list(vals[nb + nw:])
         parts = []
         cols = set(col_b)
@@ -85,7 +86,8 @@ def _body(flat: FlatPass, blocked: bool) -> Callable:
             block = [flat_ops.col_gather(b, seg[s:e]) if i in cols
                      else b[s:e] if b.dim() else b for i, b in enumerate(bridges)]
             outs = elem_graph(*[x[s:e].to(dtype) for x in elem_in], *[x[s:e] for x in dsts],
-                              *block, rows, None if act is None else act[s:e])
+                              *block, rows, None if act is None else act[s:e],
+                              *[x[s:e] for x in extra])
             parts.append(outs[:npart])
         partials = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)] \
             if npart else []
@@ -110,7 +112,7 @@ def _mark(tensors: Sequence[torch.Tensor], units: bool = False) -> None:
 
 def pass_function(flat: FlatPass, compile: bool, name: str, units: bool = False) -> Callable:
     """The callable running ``flat``: ``fn(elem_in, dsts, vec_in, vec_dsts, seg,
-    valid, active, act) -> (partials, per-parameter outputs)``.
+    valid, active, act, extra=()) -> (partials, per-parameter outputs)``.
 
     ``elem_in``: the ``(nchunks, C)`` buffers named by ``flat.elem_inputs``
     (any float dtype; converted to the compute dtype, that of ``vec_in``);
@@ -121,19 +123,21 @@ def pass_function(flat: FlatPass, compile: bool, name: str, units: bool = False)
     ``flat_ops.PartialRows`` of each block of :func:`eager_block` chunks,
     from ``Bucket.partial_rows``); ``active`` ``(P,)`` bool and ``act`` the
     same per chunk, ``(nchunks, 1)`` (eager: None when every segment is
-    active).
+    active); ``extra``: the per-chunk tensors named by ``flat.extra``
+    (``layerwise.runtime.precision.rounded_pass``), ``(nchunks, ...)``.
     """
     if not compile:
         return _body(flat, True)
     compiled = torch.compile(_own_code(_body(flat, False), name), dynamic=False,
                              fullgraph=True)
 
-    def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act):
+    def run_compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act, extra=()):
         _mark(elem_in, units)
         _mark(dsts, units)
         _mark(vec_in, units)
         _mark(vec_dsts, units)
         _mark((seg, valid, active, act))
-        return compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act)
+        _mark(extra, units)
+        return compiled(elem_in, dsts, vec_in, vec_dsts, seg, valid, active, act, extra)
 
     return run_compiled

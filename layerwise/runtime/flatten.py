@@ -111,7 +111,10 @@ class FlatPass:
     ``"col"`` (a ``(P, C)`` table gathered to ``(nchunks, C)``) per bridge;
     ``partial_spaces``: per partial, ``"seg"`` (one per chunk, added up per
     segment), ``"row"`` (one per chunk, each a row's value) or ``"col"``
-    (``(nchunks, C)``, added up per segment into a ``(P, C)`` table).
+    (``(nchunks, C)``, added up per segment into a ``(P, C)`` table);
+    ``extra``: names of per-chunk inputs of the elem graph after ``act``
+    (the rounding of ``w`` into a 16-bit parameter,
+    ``layerwise.runtime.precision.rounded_pass``; none from :func:`flatten`).
     """
     vec: fx.GraphModule
     elem: fx.GraphModule
@@ -124,6 +127,8 @@ class FlatPass:
     vec_outputs: int
     bridge_spaces: tuple[str, ...] = ()
     partial_spaces: tuple[str, ...] = ()
+    #: the elem graph's inputs after ``act``, per chunk (``layerwise.runtime.precision``)
+    extra: tuple[str, ...] = ()
 
 
 def inline_consts(gm: fx.GraphModule, consts: fx.GraphModule,

@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import local, shard_offset
+from .distributed import is_dtensor, local, shard_offset
 from .flat_ops import PartialRows
+from .precision import HALF
 
 __all__ = ["CHUNK", "Slot", "Bucket", "dense", "compute_dtype", "unit_shape", "unit_chunk"]
 
@@ -84,6 +85,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     float16 parameters in float32 (LANGUAGE.md section 8).
     """
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _element_offset(p: torch.Tensor) -> int:
+    """The index in ``p`` (row-major over its global shape) of the first element
+    of this rank's shard (0 for a plain tensor)."""
+    if not is_dtensor(p):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    strides = _contiguous_strides(tuple(p.shape))
+    return int(sum(int(o) * st for o, st in zip(offset, strides)))
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -168,6 +180,13 @@ class Slot:
     block: int = 1
     rows: int = 1
     cols: int = 1
+    pid: int = 0                    # its position in the optimizer (stochastic rounding)
+    # under precision "master" (layerwise.runtime.precision): set the master from
+    # the parameter (``resync``), or only if it does not round to it (``recheck``);
+    # ``version``: the parameter's version counter when it last matched its master
+    resync: bool = True
+    recheck: bool = False
+    version: int = -1
 
     @property
     def numel(self) -> int:
@@ -193,6 +212,14 @@ class Bucket:
         units: lay out one row per chunk (LANGUAGE.md section 10: every
             member has ``chunk - pad`` columns, see :func:`unit_chunk`).
         blocks: each member's ``row_block`` (default 1).
+        precision: what the step does with a 16-bit parameter
+            (``layerwise.runtime.precision.PRECISIONS``); ``"nearest"`` for
+            float32 and float64 buckets whatever is given. Under
+            ``"master"`` the bucket has a float32 master buffer ``M`` (an
+            elem state ``"master"`` of every slot); under ``"stochastic"``
+            the per-segment ``PID`` and per-chunk ``round_base`` that key
+            the random bits.
+        pids: each member's position in the optimizer (default: its index).
 
     Raises:
         ValueError: on the unit layout, a sharded parameter whose local shard
@@ -203,10 +230,13 @@ class Bucket:
     def __init__(self, members: list[tuple[torch.Tensor, str, object]],
                  state_names: tuple[str, ...], state_kinds: tuple[str, ...],
                  hyper_count: int, chunk: int = CHUNK, inputs: tuple[str, ...] = (),
-                 units: bool = False, blocks: list[int] | None = None):
+                 units: bool = False, blocks: list[int] | None = None,
+                 precision: str = "nearest", pids: list[int] | None = None):
         first = local(members[0][0])
         self.dtype, self.device = first.dtype, first.device
         self.cdtype = compute_dtype(self.dtype)
+        self.precision = precision if self.dtype in HALF else "nearest"
+        pids = pids if pids is not None else list(range(len(members)))
         self.chunk = chunk
         self.units = units
         self.slots: list[Slot] = []
@@ -228,7 +258,7 @@ class Bucket:
                 k = -(-n // chunk)
             self.slots.append(Slot(p, name, i, c0, k, shape, stride, group,
                                    param_shape=tuple(p.shape), block=block, rows=rows,
-                                   cols=cols))
+                                   cols=cols, pid=pids[i]))
             c0 += k
         P, NC = len(self.slots) + 1, c0 + 1            # the dummy segment owns >= 1 chunk
         # no two dynamic sizes equal, so that compiled graphs never specialise
@@ -259,6 +289,8 @@ class Bucket:
         self.W = self._buffer(self.dtype)
         self.G = self._buffer(self.dtype)
         self.S = {n: self._buffer(cd) for n, k in kinds.items() if k == "elem"}
+        #: the float32 master copies (precision "master"), else None
+        self.M = self._buffer(torch.float32) if self.precision == "master" else None
         self.X = {n: self._buffer(cd) for n in inputs}
         self.L = {n: torch.zeros(P, dtype=cd, device=dev) for n, k in kinds.items()
                   if k == "layer"}
@@ -288,6 +320,8 @@ class Bucket:
             s.g = self._view(self.G, s)
             s.ptr = s.w.data_ptr() if s.numel else 0
             s.states = {n: self._view(buf, s) for n, buf in self.S.items()}
+            if self.M is not None:
+                s.states["master"] = self._view(self.M, s)
             s.inputs = {n: self._view(buf, s) for n, buf in self.X.items()}
             s.states.update({n: own_view(vec, (), (), s.index) for n, vec in self.L.items()})
             s.states.update({n: own_view(vec, (s.nchunks,), (1,), s.chunk0)
@@ -303,6 +337,27 @@ class Bucket:
         self._shards = {g: torch.tensor(ix, dtype=torch.int64, device=dev)
                         for g, ix in by_group.items()}
         self._partial_rows: dict[int, list[PartialRows]] = {}
+        if self.precision == "stochastic":
+            self._round_tables(pad)
+
+    def _round_tables(self, pad: list) -> None:
+        """``PID`` ``(P,)`` int64 (each segment's position in the optimizer) and
+        ``round_base`` ``(nchunks, 1)`` int64 (the index, within its whole
+        parameter, of each chunk's first element: for a DTensor sharded
+        along dim 0 its shard's offset included; along another dimension,
+        the index of the shard's first element); ``round_key`` is set by the
+        optimizer every step (``layerwise.runtime.precision``)."""
+        self.PID = torch.tensor([s.pid for s in self.slots] + [0] * len(pad), dtype=torch.int64,
+                                device=self.device)
+        base = torch.zeros(self.nchunks, dtype=torch.int64)
+        for s in self.slots:
+            if not s.nchunks:
+                continue
+            offset = _element_offset(s.param)
+            step = s.cols if self.units else self.chunk
+            base[s.chunk0:s.chunk0 + s.nchunks] = torch.arange(s.nchunks) * step + offset
+        self.round_base = base.unsqueeze(1).to(self.device)
+        self.round_key = torch.zeros(self.nchunks, 1, dtype=torch.int64, device=self.device)
 
     @staticmethod
     def local_rows(p: torch.Tensor, lp: torch.Tensor, name: str, block: int) -> int:
@@ -404,7 +459,8 @@ class Bucket:
             return False
         ptr = t.untyped_storage().data_ptr()
         return any(buf.data_ptr() <= ptr < buf.data_ptr() + buf.numel() * buf.element_size()
-                   for buf in (self.W, self.G, *self.S.values()))
+                   for buf in (self.W, self.G, *self.S.values(),
+                               *((self.M,) if self.M is not None else ())))
 
     # ------------------------------------------------------------ gradients
     def grad_buffer_free(self, slots: list[Slot]) -> bool:
@@ -435,7 +491,7 @@ class Bucket:
         for n, v in s.states.items():
             if n == "step":
                 continue
-            if n in self.S:
+            if n in self.S or n == "master":
                 out[n] = like(v, s.param)
             elif n in self.R and like_rows is not None:
                 out[n] = like_rows(v, s.param, s.rows)

@@ -28,6 +28,7 @@ from .distributed import Combiner
 from . import flat_ops
 from .execute import eager_block, pass_function
 from .layout import CHUNK, Bucket
+from .precision import rounded_pass
 from .procedure import Pass, Procedure, procedures
 
 __all__ = ["Runner", "runner_for", "any_nonfinite"]
@@ -92,20 +93,39 @@ class Runner:
         # placeholder name -> the hyper or state it stands for (environments and
         # buffers are keyed by program names; see Lowered.placeholders)
         self._named = {ph: n for n, ph in lowered.placeholders.items() if ph != n}
-        name = lowered.program.name
-        self._fns = {}
-        for pname, proc in self.procs.items():
-            for k, p in enumerate([*proc.levels, proc.final]):
-                # init runs once per parameter: always eager, never compiled
-                self._fns[id(p)] = pass_function(p.flat, compile and pname != "init",
-                                                 f"{name}_{pname}_{k}", lowered.units)
+        self._fns: dict[tuple[int, str], object] = {}
+        # per pass: its procedure's name and index (for its function's name)
+        self._where = {id(p): (pname, k) for pname, proc in self.procs.items()
+                       for k, p in enumerate([*proc.levels, proc.final])}
         self._eager = {id(p): not compile or pname == "init"
                        for pname, proc in self.procs.items() for p in [*proc.levels, proc.final]}
+        for pname, proc in self.procs.items():
+            for p in [*proc.levels, proc.final]:
+                self._fn(p, "nearest")
+
+    def _fn(self, p: Pass, mode: str):
+        """The function running pass ``p`` for buckets of precision ``mode``
+        (``layerwise.runtime.precision``; made on first use: a pass that does
+        not write ``w`` has one function for every mode)."""
+        if "w" not in p.flat.dsts:
+            mode = "nearest"
+        fn = self._fns.get((id(p), mode))
+        if fn is None:
+            pname, k = self._where[id(p)]
+            suffix = "" if mode == "nearest" else f"_{mode}"
+            # init runs once per parameter: always eager, never compiled
+            fn = self._fns[(id(p), mode)] = pass_function(
+                rounded_pass(p.flat, mode), self.compiled and pname != "init",
+                f"{self.lowered.program.name}_{pname}_{k}{suffix}", self.lowered.units)
+        return fn
 
     def _call(self, p: Pass, bucket: Bucket, env: dict, reds: list, active: torch.Tensor,
               act: torch.Tensor | None = None):
         f = p.flat
-        buffers = {"w": bucket.W, "g": bucket.G, **bucket.X, **bucket.S, **bucket.row_views}
+        mode = bucket.precision
+        # under "master" every pass reads and writes w in the float32 master buffer
+        buffers = {"w": bucket.M if mode == "master" else bucket.W, "g": bucket.G, **bucket.X,
+                   **bucket.S, **bucket.row_views}
         # partials of reductions along rows are per-chunk inputs of the elem graph
         named = self._named
         elem_in = [reds[p.reads[n]].unsqueeze(1) if n in p.reads else buffers[named.get(n, n)]
@@ -121,10 +141,12 @@ class Runner:
             act = active[bucket.seg].unsqueeze(1)
         eager_cpu = self._eager[id(p)] and bucket.device.type == "cpu"
         valid = bucket.partial_rows(eager_block(self.chunk)) if eager_cpu else bucket.valid
-        return self._fns[id(p)](elem_in, [buffers[n] for n in f.dsts], vec,
-                                [bucket.L[n] if n in bucket.L else bucket.CS[n]
-                                 for n in f.vec_writes],
-                                bucket.seg, valid, active, act)
+        fn = self._fn(p, mode)
+        extra = () if mode == "nearest" or "w" not in f.dsts else \
+            (bucket.W,) if mode == "master" else (bucket.round_key, bucket.round_base)
+        return fn(elem_in, [buffers[n] for n in f.dsts], vec,
+                  [bucket.L[n] if n in bucket.L else bucket.CS[n] for n in f.vec_writes],
+                  bucket.seg, valid, active, act, extra)
 
     def run(self, name: str, buckets: Sequence[Bucket], envs: Sequence[dict],
             actives: Sequence[torch.Tensor], combine: Combiner | None,
