@@ -263,16 +263,13 @@ def markdown(summaries: list[CellSummary], train_time_s: float | None = None) ->
         lines.append("|" + " --- |" * (len(head) + len(sizes)))
         for key in keys:
             row0 = next(c for c in cs if (c.optimizer, c.adaptation) == key).chosen.runs[0]
-            cells = []
-            for b in sizes:
-                c = by.get((*key, b))
-                if c is None:
-                    cells.append("")
-                    continue
+            def metric_cell(c: CellSummary) -> str:
                 text = _cell_text(c, percent, seeds)
-                if c.chosen.mean() is not None and c.chosen.mean() == best.get(b):
-                    text = f"**{text}**"
-                cells.append(text)
+                best_here = c.chosen.mean() is not None and c.chosen.mean() == best.get(
+                    c.batch_size)
+                return f"**{text}**" if best_here else text
+
+            cells = _row_cells(key, sizes, by, metric_cell)
             lead = [key[0], *([key[1]] if adapted else []), row0["lr_rule"],
                     f"{row0['base_lr']:g}"]
             lines.append("| " + " | ".join(lead) + " | " + " | ".join(cells) + " |")
@@ -281,6 +278,11 @@ def markdown(summaries: list[CellSummary], train_time_s: float | None = None) ->
     if train_time_s is not None:
         lines += [f"Training time of these runs: {train_time_s:.0f} s (summed over runs).", ""]
     return "\n".join(lines)
+
+
+def _row_cells(key: tuple, sizes: list[int], by: dict, fmt) -> list[str]:
+    """One table row's cells: ``fmt(cell)`` per batch size, empty where the grid has none."""
+    return [fmt(by[(*key, b)]) if (*key, b) in by else "" for b in sizes]
 
 
 def _target_table(tname, task, cs, keys, adapted, sizes, by) -> list[str]:
@@ -297,19 +299,15 @@ def _target_table(tname, task, cs, keys, adapted, sizes, by) -> list[str]:
              "| optimizer | " + ("adaptation | " if adapted else "")
              + " | ".join(f"B={b}" for b in sizes) + " |",
              "|" + " --- |" * (1 + adapted + len(sizes))]
+    def steps_cell(c: CellSummary) -> str:
+        got, n = c.reached, len(c.chosen.runs)
+        if not got:
+            return f"not reached (0/{n})"
+        sd = f" ± {statistics.stdev(got):.0f}" if len(got) > 1 else ""
+        return f"{statistics.fmean(got):.0f}{sd} ({len(got)}/{n})"
+
     for key in keys:
-        cells = []
-        for b in sizes:
-            c = by.get((*key, b))
-            if c is None:
-                cells.append("")
-                continue
-            got, n = c.reached, len(c.chosen.runs)
-            if not got:
-                cells.append(f"not reached (0/{n})")
-                continue
-            sd = f" ± {statistics.stdev(got):.0f}" if len(got) > 1 else ""
-            cells.append(f"{statistics.fmean(got):.0f}{sd} ({len(got)}/{n})")
+        cells = _row_cells(key, sizes, by, steps_cell)
         lines.append("| " + " | ".join([key[0], *([key[1]] if adapted else []), *cells]) + " |")
     return lines + [""]
 

@@ -14,6 +14,6 @@ SETUP=$((SECONDS - START))
 cd "$ROOT"
 layerwise ablate --seeds 3 --out "${1:-results/ablation}"
 ABLATE=$((SECONDS - START - SETUP))
-layerwise noise-scale --task charlm --batch-size 256 --micro-batch-size 32 \
+layerwise noise-scale --task charlm --batch-size 256 --micro-batch-size 32 --steps 100 --every 5 \
   --out "${2:-results/noise_scale}"
 echo "demo: set-up ${SETUP} s, ablation ${ABLATE} s, noise scale $((SECONDS - START - SETUP - ABLATE)) s, total $((SECONDS - START)) s"
