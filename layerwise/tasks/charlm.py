@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .base import Task, TaskData
 
-__all__ = ["CharLM", "ByteTransformer", "corpus_bytes"]
+__all__ = ["CorpusTask", "CharLM", "ByteTransformer", "corpus_bytes"]
 
 
 def corpus_bytes() -> bytes:
@@ -98,7 +98,35 @@ class ByteTransformer(nn.Module):
         return self.head(self.ln_f(h))
 
 
-class CharLM(Task):
+class CorpusTask(Task):
+    """Base of the tasks on :func:`corpus_bytes` (``charlm``, ``mlm``): the contiguous
+    90 / 5 / 5 byte split and the corpus's SHA-256 and size in every run record."""
+
+    context = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sha256 = ""
+        self._size = 0
+
+    def corpus_splits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The corpus's bytes 0-90% (train), 90-95% (val) and 95-100% (test): 1-D int64
+        tensors of byte values 0..255. Records the corpus's SHA-256 and size."""
+        raw = corpus_bytes()
+        self._sha256 = hashlib.sha256(raw).hexdigest()
+        self._size = len(raw)
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+        cut, cut2 = int(0.9 * len(data)), int(0.95 * len(data))
+        return data[:cut], data[cut:cut2], data[cut2:]
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update({"corpus_sha256": self._sha256, "corpus_bytes": self._size,
+                    "context": self.context})
+        return out
+
+
+class CharLM(CorpusTask):
     """Byte-level transformer LM on ``pydoc_data.topics``; metric: validation bits per byte.
 
     ``data()`` gives ``x_*`` and ``y_*`` int64 ``(N, context)`` byte values
@@ -126,30 +154,19 @@ class CharLM(Task):
     n_layers = 2
     heads = 4
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._sha256 = ""
-        self._size = 0
-
     @property
     def data_source(self) -> str:  # type: ignore[override]
         return ("pydoc_data.topics (CPython standard library, PSF licence); UTF-8 bytes, "
                 "first 90% train / next 5% validation / last 5% test")
 
     def load_data(self) -> TaskData:
-        raw = corpus_bytes()
-        self._sha256 = hashlib.sha256(raw).hexdigest()
-        self._size = len(raw)
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
-        cut, cut2 = int(0.9 * len(data)), int(0.95 * len(data))
-
         def windows(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             n = (len(seq) - 1) // self.context
             x = seq[: n * self.context].view(n, self.context)
             y = seq[1: n * self.context + 1].view(n, self.context)
             return x.contiguous(), y.contiguous()
 
-        return TaskData(*windows(data[:cut]), *windows(data[cut:cut2]), *windows(data[cut2:]))
+        return TaskData(*(z for part in self.corpus_splits() for z in windows(part)))
 
     def build_model(self) -> nn.Module:
         return ByteTransformer(self.context, self.d_model, self.n_layers, self.heads)
@@ -166,9 +183,3 @@ class CharLM(Task):
             count += yb.numel()
         loss = total / count
         return {"loss": loss, "bits_per_byte": loss / math.log(2)}
-
-    def describe(self) -> dict:
-        out = super().describe()
-        out.update({"corpus_sha256": self._sha256, "corpus_bytes": self._size,
-                    "context": self.context})
-        return out

@@ -58,8 +58,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Task, TaskData
-from .charlm import Block, corpus_bytes
+from .base import TaskData
+from .charlm import Block, CorpusTask
 
 __all__ = ["MLM", "ByteEncoder", "MASK_ID", "VOCAB", "IGNORE", "mask_tokens"]
 
@@ -156,7 +156,7 @@ class ByteEncoder(nn.Module):
         return self.head(self.ln_f(h))
 
 
-class MLM(Task):
+class MLM(CorpusTask):
     """Masked-byte prediction with a small bidirectional transformer on ``pydoc_data.topics``;
     metric: masked-token accuracy on the test split.
 
@@ -199,8 +199,6 @@ class MLM(Task):
 
     def __init__(self) -> None:
         super().__init__()
-        self._sha256 = ""
-        self._size = 0
         self._train_ids: torch.Tensor | None = None
 
     @property
@@ -210,19 +208,14 @@ class MLM(Task):
                 f"last 5% test (every {self.eval_every}th window)")
 
     def load_data(self) -> TaskData:
-        raw = corpus_bytes()
-        self._sha256 = hashlib.sha256(raw).hexdigest()
-        self._size = len(raw)
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
-        cut, cut2 = int(0.9 * len(data)), int(0.95 * len(data))
-
         def windows(seq: torch.Tensor) -> torch.Tensor:
             n = len(seq) // self.context
             return seq[: n * self.context].view(n, self.context).contiguous()
 
-        train = windows(data[:cut])[:: self.train_every]
-        val = windows(data[cut:cut2])[:: self.eval_every]
-        test = windows(data[cut2:])[:: self.eval_every]
+        train_bytes, val_bytes, test_bytes = self.corpus_splits()
+        train = windows(train_bytes)[:: self.train_every]
+        val = windows(val_bytes)[:: self.eval_every]
+        test = windows(test_bytes)[:: self.eval_every]
         self._train_ids = train
         # fixed masks: one generator per split, the same in every process
         return TaskData(*mask_tokens(train, _generator("train"), self.mask_rate),
@@ -270,7 +263,4 @@ class MLM(Task):
         return {"loss": total / count, "masked_accuracy": correct / count}
 
     def describe(self) -> dict:
-        out = super().describe()
-        out.update({"corpus_sha256": self._sha256, "corpus_bytes": self._size,
-                    "context": self.context, "mask_rate": self.mask_rate})
-        return out
+        return {**super().describe(), "mask_rate": self.mask_rate}
