@@ -24,7 +24,7 @@ updates. ``lw.Optimizer(precision=...)`` chooses what happens instead
 ``"nearest"``     round to nearest even (what a plain ``copy_`` does).
 
 Stochastic rounding draws its random bits from a counter-based hash
-(:func:`hash32`, Chris Wellons' "lowbias32" integer hash) of the
+(:func:`hash32`, an integer hash from Chris Wellons' hash prospector) of the
 optimizer's seed, the parameter's position in the optimizer, its step
 count ``t`` and each element's index within the parameter (for a parameter
 sharded along dim 0, its index in the whole parameter): no generator state,
@@ -84,26 +84,26 @@ def check_seed(value, argument: str = "rounding_seed") -> int:
     raise ValueError(f"{argument}={value!r} is not a seed: give a whole number in [0, 2**63)")
 
 
-def _mul32(x, c: int):
-    """``x * c`` modulo 2^32 for ``x`` in ``[0, 2^32)`` and a constant ``c < 2^32``,
-    without leaving int64 (the high half's product is reduced first)."""
-    return ((x & 0xFFFF) * c + (((x >> 16) * c) & 0xFFFF) * 65536) & _M32
+_C1, _C2 = 0x21F0AAAD, 0x735A2D97     # both below 2^31: x * c < 2^63 fits int64
 
 
 def hash32(x):
-    """A bijective 32-bit integer hash ("lowbias32", C. Wellons, 2018:
-    ``x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16``).
+    """A bijective 32-bit integer hash (C. Wellons' "hash prospector", 2018-2022,
+    the improved lowbias32: ``x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15;
+    x *= 0x735a2d97; x ^= x >> 15``, arithmetic modulo 2^32).
 
     ``x``: an int64 tensor (any shape) or a Python int, with values in
-    ``[0, 2^32)``; returns the same kind, values in ``[0, 2^32)``. Works
-    elementwise, compiles (integer ops only), gives the same bits on every
-    device and for ints and tensors.
+    ``[0, 2^32)``; returns the same kind, values in ``[0, 2^32)``. Both
+    multipliers are below 2^31, so each product of a 32-bit value is exact
+    in int64 and one mask reduces it modulo 2^32: two integer operations per
+    multiply, the same bits on every device and for ints and tensors.
+    Works elementwise and compiles (integer ops only).
     """
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * _C1) & _M32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = (x * _C2) & _M32
+    return x ^ (x >> 15)
 
 
 def seed_key(seed: int) -> int:
