@@ -170,9 +170,10 @@ def _make_run(task: Task, v: Variant, spec: Spec, batch_size: int, seed: int,
     if lr_factor != 1 or warmup_fraction is not None:
         warmup = (None if warmup_fraction is None
                   else int(round(warmup_fraction * plan.total_steps)))
-        plan = plan_run(task, spec, **{**kw, "lr": plan.lr * lr_factor,
-                                       "warmup_steps": warmup})
-        plan = dataclasses.replace(plan, base_lr=plan_run(task, spec, **kw).base_lr)
+        # a tuned candidate: a given LR (and warm-up); it keeps the scaled plan's base LR
+        plan = dataclasses.replace(plan_run(task, spec, **{**kw, "lr": plan.lr * lr_factor,
+                                                           "warmup_steps": warmup}),
+                                   base_lr=plan.base_lr)
     digest = _digest(task, v, plan)
     name = _slug(v.label) + ("" if v.adaptation is None else "+" + _slug(v.adaptation.label))
     rel = f"runs/{task.name}_{name}_b{batch_size}_s{seed}_{digest[:12]}.json"
@@ -198,7 +199,7 @@ def _check_grid_numbers(protocol: str, seeds: int, lr_grid, warmup_grid) -> None
             raise ValueError(f"{name}: a value is given twice")
 
 
-def plan_grid(out_dir: str | Path, variants: Sequence[Variant],
+def plan_grid(variants: Sequence[Variant],
               tasks: Sequence[str] | None = None, batch_sizes: Sequence[int] | None = None,
               epochs: int | None = None, seed: int = 0, seeds: int = 1,
               protocol: str = "scaled", lr_grid: Sequence[float] | None = None,
@@ -393,7 +394,7 @@ def run_ablation(out_dir: str | Path, variants: Sequence[Variant],
     check_threads(threads, "threads")
     check_jobs(jobs, "jobs")
     tasks = list(tasks) if tasks else task_names()
-    runs = plan_grid(out_dir, variants, tasks, batch_sizes, epochs, seed, seeds, protocol,
+    runs = plan_grid(variants, tasks, batch_sizes, epochs, seed, seeds, protocol,
                      lr_grid, warmup_grid, max_steps, eval_every)
     out = Path(out_dir)
     reuse = check_out_dir(out, runs, tasks)

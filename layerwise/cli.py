@@ -216,7 +216,7 @@ def _cmd_ablate(args) -> int:
                 warmup_grid=args.warmup_grid, max_steps=args.max_steps,
                 eval_every=args.eval_every)
     if args.plan is not None:
-        runs = plan_grid(args.out, variants, **grid)
+        runs = plan_grid(variants, **grid)
         if args.plan == "-":
             n = write_plan(args.out, runs, sys.stdout, args.threads)
         else:
@@ -230,12 +230,7 @@ def _cmd_ablate(args) -> int:
         return 0
     rows = run_ablation(args.out, variants, jobs=args.jobs, threads=args.threads,
                         progress=not args.quiet, targets=targets, **grid)
-    from pathlib import Path
-    out = Path(args.out)
-    print((out / "results.md").read_text(encoding="utf-8"), end="")
-    print(f"{len(rows)} runs; wrote {out / 'results.csv'}, {out / 'summary.csv'}, "
-          f"{out / 'results.md'}, plots and {out / 'runs'}/")
-    return 0
+    return _print_results(args.out, len(rows), with_runs=True)
 
 
 def _cmd_run_cell(args) -> int:
@@ -255,11 +250,18 @@ def _cmd_report(args) -> int:
     from .report import parse_targets
 
     rows = write_report(args.dir, targets=parse_targets(args.target))
+    return _print_results(args.dir, len(rows), with_runs=False)
+
+
+def _print_results(out_dir: str, runs: int, with_runs: bool) -> int:
+    """Print the tables ablate (``with_runs``: it wrote run records too) and report
+    wrote in ``out_dir``, and what they wrote."""
     from pathlib import Path
-    out = Path(args.dir)
+    out = Path(out_dir)
+    tail = f", plots and {out / 'runs'}/" if with_runs else " and plots"
     print((out / "results.md").read_text(encoding="utf-8"), end="")
-    print(f"{len(rows)} runs; wrote {out / 'results.csv'}, {out / 'summary.csv'}, "
-          f"{out / 'results.md'} and plots")
+    print(f"{runs} runs; wrote {out / 'results.csv'}, {out / 'summary.csv'}, "
+          f"{out / 'results.md'}{tail}")
     return 0
 
 

@@ -195,6 +195,15 @@ def measure_noise_scale(task, spec="lamb", *, batch_size: int | None = None,
         ValueError: a bad input (naming its command-line option), before training.
         SpecError: the program does not check.
     """
+    started = time.perf_counter()
+    task, spec, plan, small = _prepare(task, spec, batch_size, micro_batch_size, steps, every,
+                                       seed, lr, ema, threads)
+    return _measure(task, spec, plan, small, every, ema, progress, report, threads, started)
+
+
+def _measure(task, spec, plan, small: int, every: int, ema: float, progress: bool,
+             report: Callable, threads: int | None, started: float) -> dict:
+    """:func:`measure_noise_scale` once its inputs are resolved and checked (``_prepare``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -202,10 +211,6 @@ def measure_noise_scale(task, spec="lamb", *, batch_size: int | None = None,
     from . import __version__
     from .train import json_safe, lr_factor
 
-    started = time.perf_counter()
-    task_ref = task if isinstance(task, str) else task.name
-    task, spec, plan, small = _prepare(task, spec, batch_size, micro_batch_size, steps, every,
-                                       seed, lr, ema, threads)
     big, k, total = plan.batch_size, plan.batch_size // small, plan.total_steps
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -246,7 +251,7 @@ def measure_noise_scale(task, spec="lamb", *, batch_size: int | None = None,
     whole = last(series["model"])
     return json_safe({
         "kind": "noise_scale", "paper": PAPER,
-        "task": {"ref": task_ref, **task.describe()},
+        "task": task.describe(),
         "optimizer": {"name": spec.name, "file": spec.filename, "program": spec.to_text()},
         "config": {"batch_size": big, "micro_batch_size": small, "micro_batches": k,
                    "steps": total, "every": every, "lr": plan.lr, "lr_source": plan.lr_source,
@@ -384,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"'layerwise noise-scale' needs {', '.join(missing)}: "
                          "pip install 'layerwise[tasks]'")
+    started = time.perf_counter()
     opts = dict(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                 steps=args.steps, every=args.every, seed=args.seed, lr=None, ema=0.95,
                 threads=args.threads)
@@ -396,8 +402,8 @@ def run(args: argparse.Namespace) -> int:
     nearest_directory(png_path, f"--out {out}")
     if png_path.is_dir():
         raise ValueError(f"--out {out}: {png_path} is a directory")
-    rec = measure_noise_scale(task, spec, progress=not args.quiet,
-                              report=(lambda line: None) if args.quiet else print, **opts)
+    rec = _measure(task, spec, plan, small, args.every, opts["ema"], not args.quiet,
+                   (lambda line: None) if args.quiet else print, args.threads, started)
     write_record(rec, json_path)
     with atomic_output(png_path) as tmp:
         plot_noise_scale(rec, tmp)

@@ -252,7 +252,8 @@ class Optimizer(torch.optim.Optimizer):
     (layer), in float32 for bfloat16/float16 parameters, otherwise in the
     parameter's dtype; elem states of DTensor parameters are DTensors laid
     out like them; under ``precision="master"``, for bfloat16/float16
-    parameters, ``"master"`` (float32, laid out like the parameter). They are views of the runtime's flat buffers
+    parameters, ``"master"`` (float32, laid out like the parameter). They
+    are views of the runtime's flat buffers
     (``layerwise.runtime.layout``, which also says what the optimizer does
     to parameters and gradients: it may make them views of its buffers, with
     the same values).

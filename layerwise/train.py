@@ -432,7 +432,7 @@ def train(task: Task | str, spec: Spec | str, *, progress: bool = True,
 def _loop(task: Task, spec: Spec, run_spec: Spec, plan: RunPlan, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    task.data()
+    task.data()         # loaded before seeding: a task's data never depends on the run's seed
     torch.manual_seed(plan.seed)
     model = task.build_model()
     model.train()

@@ -180,16 +180,16 @@ def test_tuned_protocol(tmp_path, monkeypatch):
     md = (tmp_path / "results.md").read_text()
     assert f"(lr {c8.chosen.lr:.3g}, wu {c8.chosen.warmup_steps})" in md
     with pytest.raises(ValueError, match="belong to --protocol tuned"):
-        plan_grid(tmp_path, make_variants(["lamb"]), tasks=["digits"], lr_grid=[2.0])
+        plan_grid(make_variants(["lamb"]), tasks=["digits"], lr_grid=[2.0])
     with pytest.raises(ValueError, match="--lr-grid -1"):
-        plan_grid(tmp_path, make_variants(["lamb"]), tasks=["digits"], protocol="tuned",
+        plan_grid(make_variants(["lamb"]), tasks=["digits"], protocol="tuned",
                   lr_grid=[-1.0])
 
 
 def test_plan_run_cell_and_report(tmp_path, capsys):
     grid = dict(tasks=["digits"], batch_sizes=[8, 16], seeds=2, max_steps=3)
     variants = make_variants(["lamb", "adamw"], adaptations=["none", "trust"])
-    runs = plan_grid(tmp_path / "a", variants, **grid)
+    runs = plan_grid(variants, **grid)
     buf = io.StringIO()
     assert write_plan(tmp_path / "a", runs, buf) == 16
     lines = buf.getvalue().splitlines()

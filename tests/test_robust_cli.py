@@ -355,7 +355,7 @@ def test_ablate_bad_input_before_training(case, capsys, monkeypatch, tmp_path):
     (tmp_path / "grid" / "runs").write_text("a file\n")
     (tmp_path / "grid2" / "results.csv").mkdir(parents=True)
     (tmp_path / "grid3" / "runs").mkdir(parents=True)
-    rel = plan_grid(tmp_path / "grid3", make_variants(["lamb"]), tasks=["digits"],
+    rel = plan_grid(make_variants(["lamb"]), tasks=["digits"],
                     batch_sizes=[8], max_steps=1)[0].rel      # where the run's record goes
     (tmp_path / "grid3" / rel).write_text("{half a rec")
     def fill(a: str) -> str:

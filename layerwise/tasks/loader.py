@@ -157,18 +157,14 @@ def _import_file(ref: str, target: str) -> tuple[ModuleType, str]:
     sys.modules[name] = module              # dataclasses and pickle look classes up here
     try:
         loader.exec_module(module)
-    except SyntaxError as err:
-        sys.modules.pop(name, None)
-        raise _syntax(err, path, target) from None
-    except OSError as err:
-        sys.modules.pop(name, None)
-        if err.filename and os.path.abspath(str(err.filename)) == path:
-            raise UnknownTaskError(f"--task {ref}: cannot read '{target}': "
-                                   f"{err.strerror}") from None
-        raise UnknownTaskError(f"--task {ref}: importing it raised {_first_line(err)}"
-                               f"{_where(err, path, target)}") from None
     except (Exception, SystemExit) as err:
         sys.modules.pop(name, None)
+        if isinstance(err, SyntaxError):
+            raise _syntax(err, path, target) from None
+        if isinstance(err, OSError) and err.filename and \
+                os.path.abspath(str(err.filename)) == path:
+            raise UnknownTaskError(f"--task {ref}: cannot read '{target}': "
+                                   f"{err.strerror}") from None
         raise UnknownTaskError(f"--task {ref}: importing it raised {_first_line(err)}"
                                f"{_where(err, path, target)}") from None
     _FILES[path] = (st.st_mtime_ns, st.st_size, module)
